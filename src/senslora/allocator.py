@@ -1,0 +1,179 @@
+"""Statistics -> metrics -> scores -> ranks: the `Allocation` a user turns into a LoraConfig."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from senslora import metrics
+from senslora.allocation import progressive_rank_allocation, scaled_rank_allocation
+from senslora.config import AllocationConfig
+from senslora.statistics import ModuleStats
+
+if TYPE_CHECKING:  # pragma: no cover
+    import peft
+    from torch import nn
+
+METRIC_KEYS = ("trace", "top_k_mean", "effective_rank", "s_global", "s_local", "theta")
+
+
+@dataclass
+class Allocation:
+    """Per-module LoRA ranks with the metrics and provenance behind them.
+
+    Attributes:
+        ranks: ``{full module name: rank}``; rank 0 means the module gets no adapter.
+        shapes: ``{full module name: (d_out, d_in)}``.
+        metrics: ``{full module name: {trace, top_k_mean, effective_rank, s_global, s_local,
+            theta}}``.
+        weights: the combination weights beta1, beta2, gamma1, gamma2.
+        config: the AllocationConfig used.
+        provenance: model, calibration source, tokens, estimator, package version, time.
+    """
+
+    ranks: dict[str, int]
+    shapes: dict[str, tuple[int, int]]
+    metrics: dict[str, dict[str, float]]
+    weights: dict[str, float]
+    config: AllocationConfig
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_rank(self) -> int:
+        return sum(self.ranks.values())
+
+    @property
+    def num_parameters(self) -> int:
+        """Trainable LoRA parameters: a rank of a d_out x d_in matrix costs d_out + d_in."""
+        return sum(r * sum(self.shapes[name]) for name, r in self.ranks.items())
+
+    def uniform_parameters(self, rank: int | None = None) -> int:
+        """Trainable parameters of uniform LoRA with ``rank`` (default: the average rank)."""
+        rank = self.config.avg_rank if rank is None else rank
+        return sum(rank * (d_out + d_in) for d_out, d_in in self.shapes.values())
+
+    def to_lora_config(
+        self, base: peft.LoraConfig | None = None, alpha_policy: str = "scale"
+    ) -> peft.LoraConfig:
+        """A peft LoraConfig with one anchored ``rank_pattern``/``alpha_pattern`` key per module."""
+        from senslora.peft_bridge import build_lora_config
+
+        return build_lora_config(self, base, alpha_policy=alpha_policy)
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a model whose modules differ from the ones this allocation was made for."""
+        from senslora.serialization import check_model_matches
+
+        check_model_matches(self, model)
+
+    def save(self, path: str, *, alphas: Mapping[str, float] | None = None) -> None:
+        """Write ``allocation.json`` atomically (see `senslora.serialization`)."""
+        from senslora.serialization import save_allocation
+
+        save_allocation(self, path, alphas=alphas)
+
+    @classmethod
+    def load(cls, path: str) -> Allocation:
+        from senslora.serialization import load_allocation
+
+        return load_allocation(path)
+
+
+def module_metrics(
+    stats: Mapping[str, ModuleStats], config: AllocationConfig
+) -> dict[str, dict[str, float]]:
+    """Trace (eq. 8), Top-k mean (eq. 9) and effective rank (eq. 10) of every module."""
+    table = {}
+    for name, s in stats.items():
+        values, multiplicity = s.spectrum("diagonal")
+        values = metrics.make_nonnegative(values, config.negative)
+        k = metrics.top_k_count(s.num_entries, config.top_k_fraction)
+        if config.spectrum == "eigenvalues":
+            er_values, er_multiplicity = s.spectrum("eigenvalues")
+        else:
+            er_values, er_multiplicity = values, multiplicity
+        table[name] = {
+            "trace": metrics.trace(values, multiplicity),
+            "top_k_mean": metrics.top_k_mean(values, multiplicity, k=k),
+            "effective_rank": float(
+                metrics.effective_rank(er_values, er_multiplicity, alpha=config.effective_rank_threshold)
+            ),
+        }
+    return table
+
+
+def allocate_ranks(
+    stats: Mapping[str, ModuleStats],
+    config: AllocationConfig | None = None,
+    *,
+    provenance: Mapping[str, Any] | None = None,
+) -> Allocation:
+    """Per-module ranks from curvature statistics, under the same budget as uniform LoRA."""
+    config = config or AllocationConfig()
+    if not stats:
+        raise ValueError("no statistics to allocate from: the target modules were empty")
+    names = list(stats)
+    table = module_metrics(stats, config)
+    scores = metrics.sensitivity_scores(
+        [table[n]["trace"] for n in names],
+        [table[n]["top_k_mean"] for n in names],
+        [table[n]["effective_rank"] for n in names],
+        score=config.score,
+        weighting=config.weighting,
+    )
+    for i, name in enumerate(names):
+        table[name].update(
+            s_global=float(scores.global_[i]),
+            s_local=float(scores.local[i]),
+            theta=float(scores.theta[i]),
+        )
+    shapes = {n: (stats[n].shape.out_features, stats[n].shape.in_features) for n in names}
+    ranks = _integer_ranks([table[n]["theta"] for n in names], [shapes[n] for n in names], config)
+    return Allocation(
+        ranks=dict(zip(names, ranks, strict=True)),
+        shapes=shapes,
+        metrics=table,
+        weights={k: float(getattr(scores, k)) for k in ("beta1", "beta2", "gamma1", "gamma2")},
+        config=config,
+        provenance=dict(provenance or {}),
+    )
+
+
+def _integer_ranks(
+    theta: list[float], shapes: list[tuple[int, int]], config: AllocationConfig
+) -> list[int]:
+    caps = [min(d_out, d_in) for d_out, d_in in shapes]
+    max_ranks = [min(c, config.max_rank) if config.max_rank else c for c in caps]
+    min_ranks = [min(config.min_rank, m) for m in max_ranks]
+    n = len(theta)
+    if config.scheme == "pra":
+        if config.budget != "rank":
+            raise ValueError("the PRA scheme supports budget='rank' only")
+        return progressive_rank_allocation(
+            theta,
+            config.avg_rank,
+            num_categories=config.pra_categories,
+            step=config.pra_step,
+            min_ranks=min_ranks,
+            max_ranks=max_ranks,
+        )
+    if config.budget == "rank":
+        budget = config.avg_rank * n
+        if budget < sum(min_ranks) or budget > sum(max_ranks):
+            raise ValueError(
+                f"rank budget {budget} (avg_rank {config.avg_rank} x {n} matrices) cannot be met "
+                f"with ranks between min {sum(min_ranks)} and max {sum(max_ranks)} in total"
+            )
+        return scaled_rank_allocation(theta, budget, min_ranks=min_ranks, max_ranks=max_ranks)
+    costs = [d_out + d_in for d_out, d_in in shapes]
+    budget = sum(min(config.avg_rank, cap) * c for cap, c in zip(caps, costs, strict=True))
+    needed = sum(m * c for m, c in zip(min_ranks, costs, strict=True))
+    if needed > budget:
+        raise ValueError(
+            f"parameter budget {budget} (uniform LoRA r={config.avg_rank}) is below the {needed} "
+            f"parameters that min_rank={config.min_rank} on every matrix costs"
+        )
+    return scaled_rank_allocation(
+        theta, budget, min_ranks=min_ranks, max_ranks=max_ranks, costs=costs
+    )

@@ -1,0 +1,92 @@
+"""Three estimators of the per-module Hessian diagonal behind one function, `collect_statistics`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from senslora.batches import Batch, LossFn, default_loss
+from senslora.estimators.activation import collect_activation_statistics
+from senslora.estimators.gradients import (
+    collect_fisher_statistics,
+    collect_hutchinson_statistics,
+)
+from senslora.statistics import ModuleStats
+from senslora.targets import TargetSpec, find_target_modules
+
+ESTIMATORS = ("activation", "fisher", "hutchinson")
+
+
+def collect_statistics(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    estimator: str = "activation",
+    targets: TargetSpec = "all-linear",
+    loss_fn: LossFn | None = None,
+    num_probes: int = 8,
+    *,
+    include_heads: bool = False,
+    keep_gram: bool = False,
+    per_sample: bool = True,
+    autocast_dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> dict[str, ModuleStats]:
+    """Curvature statistics of every target module of ``model`` over the calibration ``batches``.
+
+    Args:
+        model: a transformers model or any torch module with Linear/Conv1D layers.
+        batches: an iterable of dicts (``model(**batch)``) or tuples (``model(batch[0])``).
+        estimator: ``"activation"`` (GPTQ 2·XXᵀ from forward hooks, no labels; the default),
+            ``"fisher"`` (empirical Fisher diagonal) or ``"hutchinson"`` (true Hessian diagonal).
+        targets: ``"all-linear"``, a list of module names (peft-style suffix match) or a regex.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` for fisher/hutchinson; default: the model's
+            own ``.loss`` (causal LMs get the next-token loss on their real tokens).
+        num_probes: Rademacher probes per batch (hutchinson).
+        include_heads: also adapt heads such as ``classifier`` and ``lm_head``.
+        keep_gram: also accumulate the full 2·XXᵀ (activation; O(d_in²) per module) for the
+            eigenvalue spectrum.
+        per_sample: fisher from per-sample gradients (default) or per-batch gradients.
+        autocast_dtype: run the activation forward under autocast (e.g. torch.bfloat16 on GPU);
+            accumulation stays float32.
+        seed: seed of the Hutchinson probes.
+
+    Returns:
+        ``{full module name: ModuleStats}`` in model order.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    modules = find_target_modules(model, targets, include_heads=include_heads)
+    if estimator == "activation":
+        stats = collect_activation_statistics(
+            model, modules, batches, keep_gram=keep_gram, autocast_dtype=autocast_dtype
+        )
+    elif estimator == "fisher":
+        stats = collect_fisher_statistics(
+            model, modules, batches, loss_fn or default_loss, per_sample=per_sample
+        )
+    else:
+        stats = collect_hutchinson_statistics(
+            model, modules, batches, loss_fn or default_loss, num_probes=num_probes, seed=seed
+        )
+    _check_collected(stats)
+    return stats
+
+
+def _check_collected(stats: dict[str, ModuleStats]) -> None:
+    """No batch reached the modules, or the values are not finite: say which module and why."""
+    for name, s in stats.items():
+        if s.num_tokens == 0:
+            raise ValueError(
+                f"calibration set is empty: module {name} saw no tokens (no batch, or only padding)"
+            )
+        values = s.column_values if s.column_values is not None else s.diagonal
+        if values is not None and not bool(torch.isfinite(values).all()):
+            raise FloatingPointError(
+                f"non-finite curvature statistics in module {name} (NaN or Inf in its inputs or "
+                "gradients); run the calibration in float32"
+            )
+
+
+__all__ = ["ESTIMATORS", "ModuleStats", "collect_statistics"]

@@ -1,0 +1,306 @@
+"""Sensitivity metrics of one weight matrix and their combination across matrices.
+
+Pure functions of Hessian diagonals: nothing here touches a model.
+
+The diagonal of a matrix's Hessian may be given compactly as ``values`` (any shape, read
+flattened) with every entry repeated ``multiplicity`` times, so the matrix has
+``N = multiplicity * values.numel()`` diagonal entries. For example the GPTQ activation Hessian
+gives the column value ``2 * sum_t x_tj^2`` to each of the ``d_out`` rows: ``values`` has
+``d_in`` entries and ``multiplicity = d_out``. Every metric is computed exactly from the
+compact form: only ``values`` is sorted, and the repetition is accounted for arithmetically,
+so the ``N`` entries are never materialised. Computation is in float64 on the CPU.
+
+Per matrix (Zhang et al., 2025, Section 3.2):
+
+- :func:`trace` -- the global metric ``S_global`` (eq. 8);
+- :func:`top_k_mean` -- ``S_Topk``, the mean of the ``k`` largest entries (eq. 9);
+- :func:`effective_rank` -- ``S_EffectiveRank``, the fewest entries holding a fraction
+  ``alpha`` of the trace (eq. 10).
+
+Across matrices, :func:`sensitivity_scores` weighs the metrics into the local score
+``S_local`` (eqs. 11-12) and the allocation weight ``theta`` (eqs. 13-14).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = [
+    "EFFECTIVE_RANK_RTOL",
+    "SCORES",
+    "WEIGHTINGS",
+    "SensitivityScores",
+    "combination_weight",
+    "effective_rank",
+    "make_nonnegative",
+    "sensitivity_scores",
+    "top_k_count",
+    "top_k_mean",
+    "trace",
+]
+
+EFFECTIVE_RANK_RTOL = 1e-9
+"""Tolerance of :func:`effective_rank`, relative to the trace.
+
+A partial sum that falls short of ``alpha * total`` by no more than ``EFFECTIVE_RANK_RTOL *
+total`` counts as reaching it. Without it, float rounding of ``alpha * total`` would decide
+exact cases: ``0.28 * 25`` is ``7.000000000000001`` in float64, so 25 unit entries would need
+8 entries to reach 28 % of their sum instead of 7."""
+
+SCORES = ("combined", "global", "local", "topk", "effective_rank")
+"""What ``theta`` can be in :func:`sensitivity_scores`."""
+
+WEIGHTINGS = ("std", "equal")
+"""How :func:`combination_weight` weighs a metric."""
+
+_NONNEGATIVE_MODES = ("abs", "clamp")
+
+
+def _as_float64(values: torch.Tensor | np.ndarray | Sequence[float]) -> torch.Tensor:
+    """Return ``values`` flattened as a float64 CPU tensor (a copy only when needed)."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+    return torch.as_tensor(np.asarray(values, dtype=np.float64)).reshape(-1)
+
+
+def _check_entries(values: torch.Tensor, multiplicity: int) -> None:
+    """Raise ``ValueError`` on NaN/Inf or negative entries (counted with multiplicity)."""
+    if not bool(torch.isfinite(values).all()):
+        bad = int((~torch.isfinite(values)).sum()) * multiplicity
+        raise ValueError(f"Hessian diagonal must be finite, got {bad} NaN or Inf entries")
+    negative = int((values < 0).sum()) * multiplicity
+    if negative:
+        raise ValueError(
+            f"Hessian diagonal must be non-negative, got {negative} negative entries "
+            f"(of {values.numel() * multiplicity}); use make_nonnegative"
+        )
+
+
+def _check_multiplicity(multiplicity: int) -> int:
+    multiplicity = operator.index(multiplicity)
+    if multiplicity < 1:
+        raise ValueError(f"multiplicity must be a positive integer, got {multiplicity}")
+    return multiplicity
+
+
+def _sorted_descending(values, multiplicity: int) -> tuple[torch.Tensor, int]:
+    """Validate the compact diagonal and return its values sorted descending, float64."""
+    multiplicity = _check_multiplicity(multiplicity)
+    flat = _as_float64(values)
+    _check_entries(flat, multiplicity)
+    return torch.sort(flat, descending=True).values, multiplicity
+
+
+def trace(values, multiplicity: int = 1) -> float:
+    """``S_global = tr(H) = sum_i h_ii`` (eq. 8), with each value counted ``multiplicity`` times.
+
+    Raises ``ValueError`` on negative, NaN or Inf entries.
+    """
+    multiplicity = _check_multiplicity(multiplicity)
+    flat = _as_float64(values)
+    _check_entries(flat, multiplicity)
+    return multiplicity * float(flat.sum())
+
+
+def top_k_count(num_entries: int, fraction: float = 0.5) -> int:
+    """Return ``k = max(1, floor(num_entries * fraction))`` for :func:`top_k_mean`.
+
+    The paper uses ``fraction = 1/2`` (Appendix A.2) and ``1/3`` (Appendix B.2). A product
+    within ``1e-9`` (relative) of an integer is taken as that integer, so ``fraction=1/3`` of
+    300 entries gives 100, not the 99 that float rounding of ``300 * (1/3)`` would floor to.
+    """
+    num_entries = operator.index(num_entries)
+    if num_entries < 1:
+        raise ValueError(f"num_entries must be a positive integer, got {num_entries}")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    product = num_entries * fraction
+    nearest = round(product)
+    k = nearest if abs(product - nearest) <= 1e-9 * max(1.0, product) else math.floor(product)
+    return max(1, k)
+
+
+def top_k_mean(values, multiplicity: int = 1, *, k: int) -> float:
+    """``S_Topk = (1/k) sum_{i<=k} lambda_i`` (eq. 9), the mean of the ``k`` largest entries.
+
+    Exact on the compact form: the ``k`` largest of the ``N`` entries are the
+    ``q = k // multiplicity`` largest values, each ``multiplicity`` times, plus
+    ``k % multiplicity`` copies of the next value. ``k`` must lie in ``[1, N]``; see
+    :func:`top_k_count`.
+    """
+    ordered, multiplicity = _sorted_descending(values, multiplicity)
+    k = operator.index(k)
+    num_entries = ordered.numel() * multiplicity
+    if not 1 <= k <= num_entries:
+        raise ValueError(f"k must be in [1, {num_entries}] (the number of entries), got {k}")
+    full_blocks, rest = divmod(k, multiplicity)
+    total = multiplicity * float(ordered[:full_blocks].sum())
+    if rest:
+        total += rest * float(ordered[full_blocks])
+    return total / k
+
+
+def effective_rank(values, multiplicity: int = 1, alpha: float = 0.85) -> int:
+    """``S_EffectiveRank = min{k : sum_{j<=k} lambda_j >= alpha * sum_j lambda_j}`` (eq. 10).
+
+    The partial sums run over the ``N`` entries in non-increasing order. A partial sum within
+    ``EFFECTIVE_RANK_RTOL * total`` below the threshold counts as reaching it (see
+    :data:`EFFECTIVE_RANK_RTOL`); with ``alpha = 1`` this drops trailing entries that together
+    hold less than that fraction of the trace. The effective rank of an all-zero (or empty)
+    diagonal is defined as 0: no entry carries any of the (zero) trace.
+
+    Exact on the compact form: find the first sorted value whose block of ``multiplicity``
+    copies brings the cumulative sum to the threshold, then the fewest copies ``c`` of it that
+    do, using the same comparison ``before + c * value >= threshold`` as a naive cumulative sum.
+    """
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    ordered, multiplicity = _sorted_descending(values, multiplicity)
+    if ordered.numel() == 0 or float(ordered[0]) == 0.0:
+        return 0
+    block_ends = torch.cumsum(multiplicity * ordered, dim=0)  # cumulative sum after each block
+    total = float(block_ends[-1])
+    threshold = (alpha - EFFECTIVE_RANK_RTOL) * total  # < total, so some block reaches it
+    block = int(torch.searchsorted(block_ends, torch.tensor([threshold], dtype=torch.float64)))
+    before = float(block_ends[block - 1]) if block > 0 else 0.0
+    value = float(ordered[block])  # > 0: a zero block cannot be the first to reach threshold
+    copies = min(max(math.ceil((threshold - before) / value), 1), multiplicity)
+    # The division may round either way: settle on the comparison itself.
+    while copies > 1 and before + (copies - 1) * value >= threshold:
+        copies -= 1
+    while copies < multiplicity and before + copies * value < threshold:
+        copies += 1
+    return block * multiplicity + copies
+
+
+def make_nonnegative(values: torch.Tensor, mode: str = "abs") -> torch.Tensor:
+    """Map a Hessian diagonal that may hold negative entries onto non-negative values.
+
+    Away from a minimum, estimators such as Hutchinson's can return negative ``h_ii``.
+
+    - ``"abs"``: ``|h_ii|``, the size of the loss change ``(1/2) h_ii dw_i^2`` (eq. 7) for a
+      perturbation in either direction, whatever its sign.
+    - ``"clamp"``: ``max(h_ii, 0)``, negative curvature counted as no sensitivity.
+
+    Returns a tensor of the input's dtype and device; NaN stays NaN (the metrics reject it).
+    """
+    values = torch.as_tensor(values)
+    if mode == "abs":
+        return values.abs()
+    if mode == "clamp":
+        return values.clamp(min=0)
+    raise ValueError(f"mode must be one of {_NONNEGATIVE_MODES}, got {mode!r}")
+
+
+def _as_metric_array(values, name: str) -> np.ndarray:
+    """Return a per-matrix metric as a 1-D finite non-negative float64 array."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().to(device="cpu", dtype=torch.float64).numpy()
+    array = np.array(values, dtype=np.float64)
+    if array.ndim != 1 or array.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D sequence, got shape {array.shape}")
+    if not np.isfinite(array).all() or (array < 0).any():
+        raise ValueError(f"{name} must be finite and non-negative, got {array.tolist()}")
+    return array
+
+
+def combination_weight(metric_values, weighting: str = "std") -> float:
+    """Weight of one metric in a weighted sum over matrices (eqs. 11 and 13).
+
+    ``metric_values`` holds the metric of every matrix. With ``mu`` its mean and ``sigma`` its
+    population standard deviation (``ddof=0``: the matrices are the whole population, not a
+    sample of one):
+
+    - ``"std"``: ``sigma / mu^2`` (eqs. 11, 13): ``1/mu`` puts metrics of different scales on
+      one scale and ``sigma/mu`` favours the metric that separates the matrices more;
+    - ``"equal"``: ``0.5 / mu`` (the equal-weight ablation of Appendix B.1).
+
+    Either way ``weight * metric`` does not change when the metric is scaled by a constant.
+    Returns 0.0 when ``mu == 0``: a metric that is zero everywhere carries no information.
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    array = _as_metric_array(metric_values, "metric_values")
+    mu = float(array.mean())
+    if mu == 0.0:
+        return 0.0
+    if weighting == "equal":
+        return 0.5 / mu
+    return float(array.std(ddof=0)) / mu**2
+
+
+@dataclass(frozen=True, eq=False)
+class SensitivityScores:
+    """Per-matrix scores (read-only float64 arrays, one entry per matrix) and their weights."""
+
+    global_: np.ndarray
+    """``S_global`` (eq. 8): the Hessian traces."""
+    local: np.ndarray
+    """``S_local = beta1 * S_Topk + beta2 * S_EffectiveRank`` (eq. 12)."""
+    theta: np.ndarray
+    """Rank allocation weight: eq. 14 for ``score="combined"``, else the chosen metric."""
+    beta1: float
+    """Weight of ``S_Topk`` in ``S_local`` (eq. 11)."""
+    beta2: float
+    """Weight of ``S_EffectiveRank`` in ``S_local`` (eq. 11)."""
+    gamma1: float
+    """Weight of ``S_global`` in ``theta`` (eq. 13)."""
+    gamma2: float
+    """Weight of ``S_local`` in ``theta`` (eq. 13)."""
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array = np.array(array, dtype=np.float64)
+    array.flags.writeable = False
+    return array
+
+
+def sensitivity_scores(
+    traces, top_k_means, effective_ranks, *, score: str = "combined", weighting: str = "std"
+) -> SensitivityScores:
+    """Combine per-matrix metrics into the allocation weight ``theta`` (eqs. 11-14).
+
+    ``traces``, ``top_k_means`` and ``effective_ranks`` hold one entry per matrix, in the same
+    order. ``score`` picks ``theta``: ``"combined"`` (eq. 14, the method), ``"global"``
+    (``S_global`` alone, the paper's S_g-LoRA ablation), ``"local"`` (``S_local``),
+    ``"topk"`` or ``"effective_rank"`` (a single local metric, as in the paper's Figure 3).
+    ``weighting`` is passed to :func:`combination_weight` for all four weights, which are
+    reported whatever ``score`` is.
+    """
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    global_ = _as_metric_array(traces, "traces")
+    top_k = _as_metric_array(top_k_means, "top_k_means")
+    eff_rank = _as_metric_array(effective_ranks, "effective_ranks")
+    if not global_.size == top_k.size == eff_rank.size:
+        raise ValueError(
+            "traces, top_k_means and effective_ranks must have one entry per matrix, got "
+            f"{global_.size}, {top_k.size} and {eff_rank.size} entries"
+        )
+    beta1 = combination_weight(top_k, weighting)
+    beta2 = combination_weight(eff_rank, weighting)
+    local = beta1 * top_k + beta2 * eff_rank  # eq. 12
+    gamma1 = combination_weight(global_, weighting)
+    gamma2 = combination_weight(local, weighting)
+    theta_by_score = {
+        "combined": gamma1 * global_ + gamma2 * local,  # eq. 14
+        "global": global_,
+        "local": local,
+        "topk": top_k,
+        "effective_rank": eff_rank,
+    }
+    return SensitivityScores(
+        global_=_read_only(global_),
+        local=_read_only(local),
+        theta=_read_only(theta_by_score[score]),
+        beta1=beta1,
+        beta2=beta2,
+        gamma1=gamma1,
+        gamma2=gamma2,
+    )

@@ -1,0 +1,119 @@
+"""Which modules of a model get an adapter: model -> {full module name: module}.
+
+Adaptable layers are `torch.nn.Linear` and transformers' `Conv1D` (GPT-2 style, weight stored
+transposed as (d_in, d_out)). Selection follows peft's conventions:
+
+- ``"all-linear"``: every adaptable layer except the heads;
+- a list of names: a module matches a name if its full name equals it or ends with ``"." + name``
+  (so ``["query", "value"]`` selects every attention query and value projection);
+- any other string: a regular expression matched against the full name with `re.fullmatch`.
+
+Heads (the output embedding / ``lm_head``, ``classifier``, ``score``, ``pooler`` ...) are task-specific
+or tied to the vocabulary; they are excluded unless ``include_heads=True``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+try:  # transformers is a hard dependency, but keep the module importable without it for tests
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()  # type: ignore[assignment,misc]
+
+TargetSpec = str | Sequence[str]
+
+HEAD_NAMES = frozenset(
+    {"lm_head", "classifier", "score", "qa_outputs", "pooler", "cls", "pre_classifier", "embed_out"}
+)
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """The geometry of one adaptable layer."""
+
+    out_features: int
+    in_features: int
+    transposed: bool  # True for Conv1D, whose weight is (d_in, d_out)
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        if self.transposed:
+            return (self.in_features, self.out_features)
+        return (self.out_features, self.in_features)
+
+
+def layer_shape(module: nn.Module) -> LayerShape:
+    """The (d_out, d_in) geometry of a Linear or Conv1D module."""
+    if isinstance(module, nn.Linear):
+        return LayerShape(module.out_features, module.in_features, transposed=False)
+    if Conv1D and isinstance(module, Conv1D):
+        return LayerShape(module.nf, module.nx, transposed=True)
+    raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """True for the layer types a LoRA adapter can wrap here (Linear, Conv1D)."""
+    return isinstance(module, nn.Linear) or bool(Conv1D and isinstance(module, Conv1D))
+
+
+def head_module_names(model: nn.Module) -> set[str]:
+    """Full names of the head modules: the output embedding and conventionally named heads."""
+    heads = set()
+    output_embeddings = None
+    get_output = getattr(model, "get_output_embeddings", None)
+    if callable(get_output):
+        try:
+            output_embeddings = get_output()
+        except (AttributeError, NotImplementedError):
+            output_embeddings = None
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if module is output_embeddings or parts[0] in HEAD_NAMES or parts[-1] in HEAD_NAMES:
+            heads.add(name)
+        elif any(name.startswith(head + ".") for head in heads):
+            heads.add(name)
+    return heads
+
+
+def _matches(name: str, targets: TargetSpec) -> bool:
+    if isinstance(targets, str):
+        return targets == "all-linear" or re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def find_target_modules(
+    model: nn.Module, targets: TargetSpec = "all-linear", *, include_heads: bool = False
+) -> dict[str, nn.Module]:
+    """The adaptable modules selected by ``targets``, keyed by full module name, in model order.
+
+    Raises ValueError if nothing matches, naming what was asked and a few adaptable names that exist.
+    """
+    if not isinstance(targets, str) and (
+        not isinstance(targets, Sequence) or not all(isinstance(t, str) for t in targets)
+    ):
+        raise ValueError(
+            f"targets must be 'all-linear', a regex string or a list of module names, got {targets!r}"
+        )
+    heads = set() if include_heads else head_module_names(model)
+    adaptable = {
+        name: module
+        for name, module in model.named_modules()
+        if name and is_adaptable(module) and name not in heads
+    }
+    if not adaptable:
+        raise ValueError(
+            f"{type(model).__name__} has no adaptable layers (nn.Linear or Conv1D outside the heads)"
+        )
+    selected = {name: module for name, module in adaptable.items() if _matches(name, targets)}
+    if not selected:
+        examples = ", ".join(list(adaptable)[:4])
+        raise ValueError(
+            f"target pattern {targets!r} matched no adaptable module; adaptable modules look like: "
+            f"{examples}"
+        )
+    return selected
