@@ -134,9 +134,8 @@ def test_sra_is_permutation_equivariant(problem, data):
 
 def test_sra_proportional_when_no_bound_binds():
     assert scaled_rank_allocation([1, 2, 3, 4], 20, min_ranks=0, max_ranks=64) == [2, 4, 6, 8]
-    assert scaled_rank_allocation([0.1, 0.2, 0.3, 0.4], 20, min_ranks=0, max_ranks=64) == [
-        2, 4, 6, 8,
-    ]
+    ranks = scaled_rank_allocation([0.1, 0.2, 0.3, 0.4], 20, min_ranks=0, max_ranks=64)
+    assert ranks == [2, 4, 6, 8]
 
 
 def test_sra_redistributes_the_surplus_of_capped_matrices():
@@ -225,16 +224,14 @@ def test_pra_reproduces_the_paper_example():
     theta = [6.0, 5.0, 4.0, 3.0, 2.0, 1.0]
     assert progressive_rank_allocation(theta, 5, min_ranks=0, max_ranks=16) == [6, 6, 5, 5, 4, 4]
     shuffled = [3.0, 6.0, 1.0, 5.0, 2.0, 4.0]
-    assert progressive_rank_allocation(shuffled, 5, min_ranks=0, max_ranks=16) == [
-        5, 6, 4, 6, 4, 5,
-    ]
+    ranks = progressive_rank_allocation(shuffled, 5, min_ranks=0, max_ranks=16)
+    assert ranks == [5, 6, 4, 6, 4, 5]
 
 
 def test_pra_levels_and_budget_correction():
     # 7 matrices in groups of 3, 2, 2 at levels 6, 5, 4 sum to 36: the lowest theta gives one
-    assert progressive_rank_allocation(list(range(7, 0, -1)), 5, min_ranks=0, max_ranks=16) == [
-        6, 6, 6, 5, 5, 4, 3,
-    ]
+    ranks = progressive_rank_allocation(list(range(7, 0, -1)), 5, min_ranks=0, max_ranks=16)
+    assert ranks == [6, 6, 6, 5, 5, 4, 3]
     # even number of categories with an even step: levels 5 + 3, 5 + 1, 5 - 1, 5 - 3
     assert progressive_rank_allocation(
         [4, 3, 2, 1], 5, num_categories=4, step=2, min_ranks=0, max_ranks=16

@@ -38,8 +38,9 @@ from senslora.data import (
             "Alpha {{outer|x={{inner|{{deep}}}}|z}} beta.", "Alpha beta.", id="nested-templates"
         ),
         pytest.param(
-            "The [[political philosophy]] of [[self-governance|self-governed]] [[bus]]es.",
-            "The political philosophy of self-governed buses.",
+            "The [[political philosophy]] of [[self-governance|self-governed]] [[bus]]es "
+            "([[Note|see [1]]]).",
+            "The political philosophy of self-governed buses (see [1]).",
             id="links",
         ),
         pytest.param(
@@ -80,6 +81,12 @@ from senslora.data import (
             id="headings-quotes-lists-tags",
         ),
         pytest.param(
+            "It is {{convert|5|km|mi|abbr=on}} long, {{convert|2|to|4|m|ft}} deep, "
+            "and called {{lang|fr|la {{small|Grande}} rivière}}.{{citation needed|date=May}}",
+            "It is 5 km long, 2 to 4 m deep, and called la rivière.",
+            id="convert-lang-templates",
+        ),
+        pytest.param(
             "Athens ({{lang-el|Ἀθῆναι}}) is a city. Energy <math>E=mc^2</math> is kept.",
             "Athens is a city. Energy is kept.",
             id="empty-parens-math",
@@ -97,7 +104,7 @@ def test_clean_wikitext(wikitext: str, expected: str) -> None:
 
 _EXPORT = """<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">
   <page><title>Alpha</title><ns>0</ns><revision><text>'''Alpha''' is the first [[letter]]
-of the {{lang|el|Greek}} alphabet and it is used in many places.
+of the {{cite web|title=Greek}} alphabet and it is used in many places.
 
 Short line.</text></revision></page>
   <page><title>Old</title><ns>0</ns><redirect title="Alpha" />

@@ -40,6 +40,10 @@ def _naive_effective_rank(values, multiplicity, alpha):
     return int(np.argmax(partial >= threshold)) + 1
 
 
+def _tensor(values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
 # --- hand-computed values ---------------------------------------------------------------------
 
 
@@ -57,8 +61,15 @@ def test_trace_accepts_any_shape_and_dtype():
 
 @pytest.mark.parametrize(
     ("num_entries", "fraction", "expected"),
-    [(10, 0.5, 5), (7, 0.5, 3), (1, 0.5, 1), (3, 0.1, 1), (300, 1 / 3, 100), (100, 0.29, 29),
-     (4, 1.0, 4)],
+    [
+        (10, 0.5, 5),
+        (7, 0.5, 3),
+        (1, 0.5, 1),
+        (3, 0.1, 1),
+        (300, 1 / 3, 100),
+        (100, 0.29, 29),
+        (4, 1.0, 4),
+    ],
 )
 def test_top_k_count(num_entries, fraction, expected):
     assert top_k_count(num_entries, fraction) == expected
@@ -145,7 +156,7 @@ def test_top_k_mean_compact_equals_naive(values, multiplicity, data):
     num_entries = len(values) * multiplicity
     k = data.draw(st.integers(1, num_entries), label="k")
     expected = _naive_top_k_mean(values, multiplicity, k)
-    assert top_k_mean(torch.tensor(values, dtype=torch.float64), multiplicity, k=k) == pytest.approx(
+    assert top_k_mean(_tensor(values), multiplicity, k=k) == pytest.approx(
         expected, rel=1e-12, abs=1e-300
     )
 
@@ -154,14 +165,14 @@ def test_top_k_mean_compact_equals_naive(values, multiplicity, data):
 @given(values=_diagonals, multiplicity=st.integers(1, 7), alpha=_alphas)
 def test_effective_rank_compact_equals_naive(values, multiplicity, alpha):
     expected = _naive_effective_rank(values, multiplicity, alpha)
-    assert effective_rank(torch.tensor(values, dtype=torch.float64), multiplicity, alpha) == expected
+    assert effective_rank(_tensor(values), multiplicity, alpha) == expected
 
 
 @settings(max_examples=100, deadline=None)
 @given(values=_diagonals, multiplicity=st.integers(1, 7))
 def test_trace_compact_equals_naive(values, multiplicity):
     expected = float(np.sum(_entries(values, multiplicity)))
-    assert trace(torch.tensor(values, dtype=torch.float64), multiplicity) == pytest.approx(expected, rel=1e-12)
+    assert trace(_tensor(values), multiplicity) == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -172,11 +183,11 @@ def test_compact_equals_naive_on_gptq_like_diagonals(seed):
     if seed % 2:
         values[rng.integers(0, d_in, size=d_in // 2)] = values[0]  # ties
     k = top_k_count(int(d_in * d_out), 0.5)
-    assert top_k_mean(torch.tensor(values, dtype=torch.float64), int(d_out), k=k) == pytest.approx(
+    assert top_k_mean(_tensor(values), int(d_out), k=k) == pytest.approx(
         _naive_top_k_mean(values, d_out, k), rel=1e-12
     )
     for alpha in (0.5, 0.8, 0.85, 0.95, 1.0):
-        assert effective_rank(torch.tensor(values, dtype=torch.float64), int(d_out), alpha) == _naive_effective_rank(
+        assert effective_rank(_tensor(values), int(d_out), alpha) == _naive_effective_rank(
             values, d_out, alpha
         )
 

@@ -78,8 +78,8 @@ def _continuous_ranks(theta, budget, low, high, cost) -> np.ndarray:
 
     The sum is monotone in ``lam``, so matrices capped at ``high`` hand their surplus to the
     others in proportion to ``theta``. If even the ``lam`` that caps every ``theta > 0`` falls
-    short (matrices with ``theta == 0`` stay at ``low``), returns that limit. ``math.fsum`` makes the sum exact,
-    hence independent of the order of the matrices.
+    short (matrices with ``theta == 0`` stay at ``low``), returns that limit. ``math.fsum``
+    makes the sum exact, hence independent of the order of the matrices.
     """
     theta = theta / theta.max()
     positive = theta > 0

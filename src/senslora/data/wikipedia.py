@@ -29,15 +29,16 @@ _NAMESPACE_PREFIXES = frozenset(
     "media special talk user wikipedia file mediawiki template help category portal book "
     "draft module topic image project wp timedtext gadget".split()
 )
-# Tags whose content is not prose: dropped with everything inside them.
+# Tags whose content is not prose: dropped with everything inside them (their self-closing
+# forms, like <ref name="x"/>, go with the other tags).
 _DROPPED_TAGS = "ref|math|gallery|timeline|score|syntaxhighlight|source|chem|templatedata"
 _COMMENT = re.compile(r"<!--.*?(?:-->|\Z)", re.S)
-_DROPPED_SELF_CLOSING = re.compile(rf"<(?:{_DROPPED_TAGS})\b[^>]*/>", re.I)
 _DROPPED_ELEMENT = re.compile(rf"<({_DROPPED_TAGS})\b[^>]*(?<!/)>.*?</\1\s*>", re.I | re.S)
 _LINE_BREAK_TAG = re.compile(r"<br\s*/?>", re.I)
 _HTML_TAG = re.compile(r"</?[a-zA-Z][^<>]*>")
 _EXTERNAL_LINK = re.compile(r"\[(?:(?:https?|ftp):)?//[^\s\[\]]*(?:\s+([^\[\]]*))?\]")
 _NON_PROSE_LINK = re.compile(r"^\s*:?\s*(?:file|image|category|media)\s*:", re.I)
+_RANGE_WORDS = frozenset({"to", "-", "–", "and", "or", "by", "x", "×", "+/-", "±"})
 _INTERLANGUAGE = re.compile(r"^[a-z]{2,3}(?:-[a-z]+)*:")
 _QUOTES = re.compile(r"'{2,}")
 _MAGIC_WORD = re.compile(r"__[A-Z]+__")
@@ -86,6 +87,23 @@ def _drop(_: str) -> str:
     return ""
 
 
+def _template_text(inner: str) -> str:
+    """Visible text of the template ``{{inner}}``: numbers of {{convert}}, text of {{lang}}.
+
+    Every other template (citations, infoboxes, navigation, maintenance tags) is dropped.
+    """
+    name, *params = (part.strip() for part in inner.split("|"))
+    positional = [param for param in params if "=" not in param]
+    name = name.lower()
+    if name in ("convert", "cvt") and len(positional) >= 2:
+        if positional[1] in _RANGE_WORDS and len(positional) >= 4:
+            return " ".join(positional[:4])  # {{convert|2|to|4|km}} -> "2 to 4 km"
+        return " ".join(positional[:2])  # {{convert|5|km|mi}} -> "5 km"
+    if name == "lang" and len(positional) >= 2:
+        return positional[1]  # {{lang|fr|Le Monde}} -> "Le Monde"
+    return ""
+
+
 def _link_text(inner: str) -> str:
     """The visible text of the link ``[[inner]]`` ('' for file, category, language links)."""
     target, _, label = inner.partition("|")
@@ -118,9 +136,8 @@ def clean_wikitext(wikitext: str) -> str:
     Lines of the result are the paragraphs and list items of the article.
     """
     text = _COMMENT.sub("", wikitext)
-    text = _DROPPED_SELF_CLOSING.sub("", text)
     text = _DROPPED_ELEMENT.sub("", text)
-    text = _replace_nested(text, "{{", "}}", _drop)  # templates
+    text = _replace_nested(text, "{{", "}}", _template_text)
     text = _replace_nested(text, "{|", "|}", _drop)  # tables
     text = _replace_nested(text, "[[", "]]", _link_text)
     text = _EXTERNAL_LINK.sub(lambda m: m.group(1) or "", text)
