@@ -82,8 +82,9 @@ from senslora.data import (
         ),
         pytest.param(
             "It is {{convert|5|km|mi|abbr=on}} long, {{convert|2|to|4|m|ft}} deep, "
-            "and called {{lang|fr|la {{small|Grande}} rivière}}.{{citation needed|date=May}}",
-            "It is 5 km long, 2 to 4 m deep, and called la rivière.",
+            "called {{lang|fr|la {{small|Grande}} rivière}}.{{citation needed|date=May}}\n"
+            "[[File:k.svg|thumb|Kanji {{lang|ja|[[wikt:気|気]]}}.]]{{lang|ja|[[wikt:気|気]]}}",
+            "It is 5 km long, 2 to 4 m deep, called la rivière.\n気",
             id="convert-lang-templates",
         ),
         pytest.param(

@@ -72,11 +72,21 @@ def allocate(
     ),
     budget: str = typer.Option("rank", help="rank (sum of ranks) | parameters (trainable params)."),
     score: str = typer.Option("combined", help="combined | global | local | topk | effective_rank."),
+    weighting: str = typer.Option("std", help="Metric weights: std (sigma/mu^2) | equal (0.5/mu)."),
+    top_k_fraction: float = typer.Option(0.5, help="k of the Top-k metric as a share of N."),
+    effective_rank_threshold: float = typer.Option(0.85, help="alpha of the effective rank."),
+    spectrum: str = typer.Option(
+        "diagonal", help="Effective rank over the Hessian 'diagonal' or the 'eigenvalues' of "
+        "2XX^T (activation only; O(d_in^2) memory per module)."
+    ),
     min_rank: int = typer.Option(1, help="Smallest rank; 0 lets a matrix go without adapter."),
     max_rank: int = typer.Option(None, help="Largest rank (default: min(d_in, d_out))."),
     lora_alpha: float = typer.Option(
         None, help="lora_alpha of uniform LoRA r=avg-rank (default 2 x avg-rank); each module "
         "keeps that alpha/r."
+    ),
+    alpha_policy: str = typer.Option(
+        "scale", help="scale (alpha/r as for uniform LoRA) | rslora | constant."
     ),
     num_samples: int = typer.Option(128, help="Calibration sequences."),
     seq_len: int = typer.Option(256, help="Max tokens per calibration sequence."),
@@ -88,7 +98,12 @@ def allocate(
     dtype: str = typer.Option("float32", help="Model dtype: float32 | bfloat16 | float16."),
     overwrite: bool = typer.Option(False, help="Replace results already in --out."),
 ) -> None:
-    """Calibrate, score every weight matrix and write a per-module LoRA allocation."""
+    """Calibrate, score every weight matrix and write a per-module LoRA allocation.
+
+    With no --model/--calib it runs on the built-in default: the shipped MiniLM encoder and the
+    Wikipedia sample. Example: senslora allocate --model HuggingFaceTB/SmolLM2-135M
+    --calib wikitext:wikitext-2-raw-v1 --avg-rank 8 --out runs/smollm2
+    """
     try:
         _allocate(**locals())
     except USER_ERRORS as error:
@@ -114,6 +129,9 @@ def _allocate(**options) -> None:
     config = AllocationConfig(
         avg_rank=options["avg_rank"], budget=options["budget"], scheme=options["scheme"],
         score=options["score"], min_rank=options["min_rank"], max_rank=options["max_rank"],
+        weighting=options["weighting"], top_k_fraction=options["top_k_fraction"],
+        effective_rank_threshold=options["effective_rank_threshold"],
+        spectrum=options["spectrum"],
     )
     calibration = CalibrationConfig(
         source=options["calib"], num_samples=options["num_samples"], seq_len=options["seq_len"],
@@ -130,7 +148,7 @@ def _allocate(**options) -> None:
     stats = collect_statistics(
         model, tracked(batches, f"calibrating ({options['estimator']})"),
         estimator=options["estimator"], targets=targets, num_probes=options["num_probes"],
-        seed=options["seed"],
+        seed=options["seed"], keep_gram=config.spectrum == "eigenvalues",
     )
     seconds = time.perf_counter() - start
     provenance = {
@@ -155,8 +173,10 @@ def _allocate(**options) -> None:
 
     alpha = options["lora_alpha"] or 2.0 * config.avg_rank
     base = peft.LoraConfig(r=config.avg_rank, lora_alpha=alpha)
-    lora_config = allocation.to_lora_config(base)
-    _write_outputs(out, allocation, lora_config, lora_alphas(allocation.ranks, base), variants)
+    policy = options["alpha_policy"]
+    lora_config = allocation.to_lora_config(base, alpha_policy=policy)
+    alphas = lora_alphas(allocation.ranks, base, policy)
+    _write_outputs(out, allocation, lora_config, alphas, variants)
 
     console.print(rank_table(allocation))
     console.print(

@@ -87,12 +87,26 @@ def _drop(_: str) -> str:
     return ""
 
 
+def _split_params(inner: str) -> list[str]:
+    """Split a template's inner text at the pipes that are not inside a [[link|label]]."""
+    parts, depth, start = [], 0, 0
+    for match in re.finditer(r"\[\[|\]\]|\|", inner):
+        token = match.group()
+        if token != "|":
+            depth = depth + 1 if token == "[[" else max(depth - 1, 0)
+        elif depth == 0:
+            parts.append(inner[start : match.start()].strip())
+            start = match.end()
+    parts.append(inner[start:].strip())
+    return parts
+
+
 def _template_text(inner: str) -> str:
     """Visible text of the template ``{{inner}}``: numbers of {{convert}}, text of {{lang}}.
 
     Every other template (citations, infoboxes, navigation, maintenance tags) is dropped.
     """
-    name, *params = (part.strip() for part in inner.split("|"))
+    name, *params = _split_params(inner)
     positional = [param for param in params if "=" not in param]
     name = name.lower()
     if name in ("convert", "cvt") and len(positional) >= 2:
