@@ -17,9 +17,15 @@ from transformers import (
 def tiny_bert(num_labels: int = 2, seed: int = 0) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=24, max_position_embeddings=64, num_labels=num_labels,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=100,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     return BertForSequenceClassification(config).eval()
 
@@ -27,8 +33,16 @@ def tiny_bert(num_labels: int = 2, seed: int = 0) -> BertForSequenceClassificati
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=100, n_embd=16, n_layer=2, n_head=2, n_positions=64,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2,
+        vocab_size=100,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return GPT2LMHeadModel(config).eval()
 
@@ -36,14 +50,26 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+        vocab_size=100,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
     )
     return LlamaForCausalLM(config).eval()
 
 
-def token_batches(num_batches: int = 2, batch: int = 3, length: int = 7, seed: int = 0,
-                  pad_side: str = "right", vocab: int = 100, labels: bool = False):
+def token_batches(
+    num_batches: int = 2,
+    batch: int = 3,
+    length: int = 7,
+    seed: int = 0,
+    pad_side: str = "right",
+    vocab: int = 100,
+    labels: bool = False,
+):
     """Dict batches with random ids and some padded positions (attention_mask 0)."""
     generator = torch.Generator().manual_seed(seed)
     out = []

@@ -156,6 +156,10 @@ def test_sra_rounds_by_largest_fraction_then_theta_then_index():
     # equal fractions 0.5: the larger theta wins, whichever its position
     assert scaled_rank_allocation([1, 3], 2, min_ranks=0, max_ranks=9) == [0, 2]
     assert scaled_rank_allocation([3, 1], 2, min_ranks=0, max_ranks=9) == [2, 0]
+    # the same ties where float noise in lam would otherwise decide: [4.5, 1.5], [3.5, 0.5]
+    assert scaled_rank_allocation([0.3, 0.1], 6, min_ranks=0, max_ranks=9) == [5, 1]
+    assert scaled_rank_allocation([0.7, 0.1], 4, min_ranks=0, max_ranks=9) == [4, 0]
+    assert scaled_rank_allocation([0.1, 0.7, 0.2], 8, min_ranks=0, max_ranks=9) == [1, 6, 1]
     # equal theta: the lower index wins
     assert scaled_rank_allocation([1, 1, 1], 4, min_ranks=0, max_ranks=9) == [2, 1, 1]
 

@@ -52,9 +52,10 @@ def test_ablation_scores_change_theta(bert_stats):
     for name in combined.ranks:
         assert glob.metrics[name]["theta"] == pytest.approx(combined.metrics[name]["trace"])
     w = combined.weights
-    for name, m in combined.metrics.items():
-        assert m["s_local"] == pytest.approx(w["beta1"] * m["top_k_mean"]
-                                             + w["beta2"] * m["effective_rank"])
+    for m in combined.metrics.values():
+        assert m["s_local"] == pytest.approx(
+            w["beta1"] * m["top_k_mean"] + w["beta2"] * m["effective_rank"]
+        )
         assert m["theta"] == pytest.approx(w["gamma1"] * m["s_global"] + w["gamma2"] * m["s_local"])
 
 
@@ -75,8 +76,11 @@ def test_eigenvalues_need_the_gram_matrix():
 
 def test_negative_curvature_uses_absolute_value_or_clamp():
     diagonal = torch.tensor([[4.0, -3.0], [-1.0, 2.0]])
-    stats = {"m": ModuleStats("m", LayerShape(2, 2, False), "hutchinson", diagonal=diagonal,
-                              num_tokens=1)}
+    stats = {
+        "m": ModuleStats(
+            "m", LayerShape(2, 2, False), "hutchinson", diagonal=diagonal, num_tokens=1
+        )
+    }
     absolute = module_metrics(stats, AllocationConfig(negative="abs"))["m"]
     clamped = module_metrics(stats, AllocationConfig(negative="clamp"))["m"]
     assert absolute["trace"] == 10.0 and clamped["trace"] == 6.0

@@ -35,8 +35,11 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture
 def calib_file(tmp_path):
     path = tmp_path / "calib.txt"
-    path.write_text("\n".join(f"sentence number {i} is about rank allocation for lora adapters"
-                              for i in range(12)))
+    path.write_text(
+        "\n".join(
+            f"sentence number {i} is about rank allocation for lora adapters" for i in range(12)
+        )
+    )
     return path
 
 
@@ -46,25 +49,55 @@ def run(*args):
 
 def test_allocate_writes_loadable_outputs(tiny_model_dir, calib_file, tmp_path):
     out = tmp_path / "out"
-    result = run("--model", tiny_model_dir, "--calib", calib_file, "--out", out,
-                 "--num-samples", 8, "--seq-len", 16, "--batch-size", 4, "--avg-rank", 3)
+    result = run(
+        "--model",
+        tiny_model_dir,
+        "--calib",
+        calib_file,
+        "--out",
+        out,
+        "--num-samples",
+        8,
+        "--seq-len",
+        16,
+        "--batch-size",
+        4,
+        "--avg-rank",
+        3,
+    )
     assert result.exit_code == 0, result.output
     assert "LoRA ranks" in result.output and "query" in result.output
-    assert {p.name for p in out.iterdir()} == {"allocation.json", "adapter_config.json", "ranks.png"}
+    assert {p.name for p in out.iterdir()} == {
+        "allocation.json",
+        "adapter_config.json",
+        "ranks.png",
+    }
     allocation = senslora.load_allocation(out)
     assert allocation.total_rank == 3 * len(allocation.ranks) == 3 * 12
     assert allocation.provenance["num_sequences"] == 8
     config = peft.LoraConfig.from_pretrained(out)
-    assert config.rank_pattern == allocation.to_lora_config(
-        peft.LoraConfig(r=3, lora_alpha=6)).rank_pattern
+    assert (
+        config.rank_pattern
+        == allocation.to_lora_config(peft.LoraConfig(r=3, lora_alpha=6)).rank_pattern
+    )
     data = json.loads((out / "allocation.json").read_text())
     assert data["alphas"] == {n: 2.0 * r for n, r in allocation.ranks.items()}
     assert (out / "ranks.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_existing_results_are_kept_without_overwrite(tiny_model_dir, calib_file, tmp_path):
-    args = ("--model", tiny_model_dir, "--calib", calib_file, "--out", tmp_path,
-            "--num-samples", 4, "--seq-len", 8)
+    args = (
+        "--model",
+        tiny_model_dir,
+        "--calib",
+        calib_file,
+        "--out",
+        tmp_path,
+        "--num-samples",
+        4,
+        "--seq-len",
+        8,
+    )
     assert run(*args).exit_code == 0
     before = (tmp_path / "allocation.json").read_text()
     result = run(*args, "--avg-rank", 2)
@@ -83,10 +116,22 @@ def test_existing_results_are_kept_without_overwrite(tiny_model_dir, calib_file,
         (("--calib", "/no/such/file.txt"), "calibration file not found"),
     ],
 )
-def test_user_errors_are_one_line_without_traceback(tiny_model_dir, calib_file, tmp_path,
-                                                    extra, message):
-    args = ["--model", tiny_model_dir, "--calib", calib_file, "--out", tmp_path / "o",
-            "--num-samples", 4, "--seq-len", 8, *extra]
+def test_user_errors_are_one_line_without_traceback(
+    tiny_model_dir, calib_file, tmp_path, extra, message
+):
+    args = [
+        "--model",
+        tiny_model_dir,
+        "--calib",
+        calib_file,
+        "--out",
+        tmp_path / "o",
+        "--num-samples",
+        4,
+        "--seq-len",
+        8,
+        *extra,
+    ]
     result = run(*args)
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output

@@ -77,7 +77,9 @@ def test_padding_does_not_change_activation_statistics():
     b = collect_statistics(model, unpadded)
     for name in a:
         assert a[name].num_tokens == b[name].num_tokens
-        torch.testing.assert_close(a[name].column_values, b[name].column_values, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            a[name].column_values, b[name].column_values, rtol=1e-4, atol=1e-4
+        )
 
 
 def test_early_stop_skips_the_head_and_changes_nothing():
@@ -146,8 +148,12 @@ def test_hutchinson_matches_the_exact_hessian_diagonal():
 def test_hutchinson_is_reproducible_for_a_seed():
     model = MLP()
     batches = [(torch.randn(8, 3), torch.randn(8, 2))]
-    a = collect_statistics(model, batches, estimator="hutchinson", loss_fn=mse, num_probes=3, seed=5)
-    b = collect_statistics(model, batches, estimator="hutchinson", loss_fn=mse, num_probes=3, seed=5)
+    a = collect_statistics(
+        model, batches, estimator="hutchinson", loss_fn=mse, num_probes=3, seed=5
+    )
+    b = collect_statistics(
+        model, batches, estimator="hutchinson", loss_fn=mse, num_probes=3, seed=5
+    )
     assert all(torch.equal(a[n].diagonal, b[n].diagonal) for n in a)
 
 
@@ -164,8 +170,9 @@ def per_sample_gradients(model, x, y):
 def test_fisher_equals_mean_of_per_sample_gradients_squared():
     model = MLP()
     x, y = torch.randn(6, 3), torch.randn(6, 2)
-    stats = collect_statistics(model, [(x[:4], y[:4]), (x[4:], y[4:])], estimator="fisher",
-                               loss_fn=mse)
+    stats = collect_statistics(
+        model, [(x[:4], y[:4]), (x[4:], y[4:])], estimator="fisher", loss_fn=mse
+    )
     grads = per_sample_gradients(model, x, y)
     torch.testing.assert_close(stats["fc1"].diagonal, grads["fc1.weight"].square().mean(0))
     torch.testing.assert_close(stats["fc2"].diagonal, grads["fc2.weight"].square().mean(0))
@@ -202,8 +209,9 @@ def test_default_loss_without_labels_on_a_classifier_is_a_clear_error():
 
 
 def test_classifier_fisher_uses_labels():
-    stats = collect_statistics(tiny_bert(), token_batches(num_batches=1, labels=True),
-                               estimator="fisher")
+    stats = collect_statistics(
+        tiny_bert(), token_batches(num_batches=1, labels=True), estimator="fisher"
+    )
     assert "classifier" not in stats and "bert.pooler.dense" not in stats
     assert len(stats) == 12
 

@@ -120,6 +120,17 @@ def test_effective_rank_exact_fraction_is_not_defeated_by_rounding():
     assert effective_rank(torch.full((20,), 2.5), alpha=0.7) == 14
 
 
+def test_float32_input_gives_the_float64_result():
+    values = torch.rand(1000, generator=torch.Generator().manual_seed(0)) ** 3
+    values[::7] = values[3]  # ties
+    for multiplicity in (1, 5):
+        assert effective_rank(values, multiplicity) == effective_rank(values.double(), multiplicity)
+        k = 1000 * multiplicity // 2 + 1
+        assert top_k_mean(values, multiplicity, k=k) == top_k_mean(
+            values.double(), multiplicity, k=k
+        )
+
+
 def test_effective_rank_of_zero_diagonal_is_zero():
     assert effective_rank(torch.zeros(5), 3) == 0
     assert effective_rank(torch.tensor([])) == 0

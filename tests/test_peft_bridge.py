@@ -1,4 +1,4 @@
-"""Allocation -> LoraConfig -> peft model: exact ranks, save/reload and merge give the same outputs."""
+"""Allocation -> LoraConfig -> peft model: exact ranks; save/reload and merge keep the outputs."""
 
 from __future__ import annotations
 
@@ -67,8 +67,9 @@ def test_pattern_keys_are_anchored_and_escaped():
 def test_scale_policy_keeps_alpha_over_r_and_rslora_keeps_alpha():
     allocation = allocation_for(tiny_bert(), avg_rank=4)
     scaled = apply_allocation(tiny_bert(), allocation, peft.LoraConfig(r=4, lora_alpha=8))
-    rs = apply_allocation(tiny_bert(), allocation, peft.LoraConfig(r=4, lora_alpha=8),
-                          alpha_policy="rslora")
+    rs = apply_allocation(
+        tiny_bert(), allocation, peft.LoraConfig(r=4, lora_alpha=8), alpha_policy="rslora"
+    )
     for name, module in scaled.get_base_model().named_modules():
         if isinstance(module, LoraLayer):
             assert module.scaling["default"] == pytest.approx(2.0), name

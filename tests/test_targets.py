@@ -40,7 +40,9 @@ def test_conv1d_geometry():
 
 
 def test_nothing_matched_and_no_adaptable_layers_are_errors():
-    with pytest.raises(ValueError, match="matched no adaptable module; adaptable modules look like"):
+    with pytest.raises(
+        ValueError, match="matched no adaptable module; adaptable modules look like"
+    ):
         find_target_modules(tiny_bert(), ["q_proj"])
     with pytest.raises(ValueError, match="has no adaptable layers"):
         find_target_modules(nn.Sequential(nn.Conv2d(1, 1, 3), nn.ReLU()))

@@ -1,8 +1,8 @@
 """senslora: per-module LoRA ranks from second-order sensitivity (Sensitivity-LoRA).
 
-    stats = senslora.collect_statistics(model, batches)           # curvature per module
-    alloc = senslora.allocate_ranks(stats, senslora.AllocationConfig(avg_rank=4))
-    lora_config = alloc.to_lora_config(base=peft.LoraConfig(lora_alpha=8, r=4))
+stats = senslora.collect_statistics(model, batches)           # curvature per module
+alloc = senslora.allocate_ranks(stats, senslora.AllocationConfig(avg_rank=4))
+lora_config = alloc.to_lora_config(base=peft.LoraConfig(lora_alpha=8, r=4))
 """
 
 from importlib.metadata import PackageNotFoundError, version

@@ -97,7 +97,9 @@ def module_metrics(
             "trace": metrics.trace(values, multiplicity),
             "top_k_mean": metrics.top_k_mean(values, multiplicity, k=k),
             "effective_rank": float(
-                metrics.effective_rank(er_values, er_multiplicity, alpha=config.effective_rank_threshold)
+                metrics.effective_rank(
+                    er_values, er_multiplicity, alpha=config.effective_rank_threshold
+                )
             ),
         }
     return table

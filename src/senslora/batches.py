@@ -78,7 +78,8 @@ def split_samples(batch: Batch) -> Iterator[Batch]:
             if mask is not None and mask.dim() == 2 and bool(mask.any()):
                 keep = mask[0]
                 sample = {
-                    k: v[:, keep] if torch.is_tensor(v) and v.dim() >= 2 and v.shape[1] == keep.numel()
+                    k: v[:, keep]
+                    if torch.is_tensor(v) and v.dim() >= 2 and v.shape[1] == keep.numel()
                     else v
                     for k, v in sample.items()
                 }
@@ -114,4 +115,6 @@ def default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def _is_causal_lm(model: nn.Module) -> bool:
-    return type(model).__name__.endswith("ForCausalLM") or type(model).__name__.endswith("LMHeadModel")
+    return type(model).__name__.endswith("ForCausalLM") or type(model).__name__.endswith(
+        "LMHeadModel"
+    )

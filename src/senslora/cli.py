@@ -37,8 +37,12 @@ def fail(message: str) -> None:
 def tracked(items, description: str):
     """Iterate with a progress bar on stderr."""
     progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=Console(stderr=True), transient=False,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=False,
     )
     with progress:
         yield from progress.track(items, description=description, total=len(items))
@@ -59,31 +63,37 @@ def allocate(
         help="Calibration text: 'wikipedia' (built-in, 107 real articles), 'rotten_tomatoes', a "
         "local .txt/.jsonl/.csv/.tsv/.parquet file, or a Hugging Face dataset NAME[:CONFIG].",
     ),
-    out: Path = typer.Option(..., help="Output folder for allocation.json, adapter_config.json "
-                             "and ranks.png."),
+    out: Path = typer.Option(
+        ..., help="Output folder for allocation.json, adapter_config.json and ranks.png."
+    ),
     avg_rank: int = typer.Option(4, help="Average LoRA rank per matrix (the uniform-LoRA r)."),
     estimator: str = typer.Option(
-        "activation", help="activation (GPTQ 2XX^T, forward only) | fisher | hutchinson "
-        "(need a causal LM: next-token loss)."
+        "activation",
+        help="activation (GPTQ 2XX^T, forward only) | fisher | hutchinson "
+        "(need a causal LM: next-token loss).",
     ),
     scheme: str = typer.Option("sra", help="sra (proportional, eq. 15) | pra (progressive)."),
     targets: str = typer.Option(
         "all-linear", help="all-linear, a comma-separated list of module names, or a regex."
     ),
     budget: str = typer.Option("rank", help="rank (sum of ranks) | parameters (trainable params)."),
-    score: str = typer.Option("combined", help="combined | global | local | topk | effective_rank."),
+    score: str = typer.Option(
+        "combined", help="combined | global | local | topk | effective_rank."
+    ),
     weighting: str = typer.Option("std", help="Metric weights: std (sigma/mu^2) | equal (0.5/mu)."),
     top_k_fraction: float = typer.Option(0.5, help="k of the Top-k metric as a share of N."),
     effective_rank_threshold: float = typer.Option(0.85, help="alpha of the effective rank."),
     spectrum: str = typer.Option(
-        "diagonal", help="Effective rank over the Hessian 'diagonal' or the 'eigenvalues' of "
-        "2XX^T (activation only; O(d_in^2) memory per module)."
+        "diagonal",
+        help="Effective rank over the Hessian 'diagonal' or the 'eigenvalues' of "
+        "2XX^T (activation only; O(d_in^2) memory per module).",
     ),
     min_rank: int = typer.Option(1, help="Smallest rank; 0 lets a matrix go without adapter."),
     max_rank: int = typer.Option(None, help="Largest rank (default: min(d_in, d_out))."),
     lora_alpha: float = typer.Option(
-        None, help="lora_alpha of uniform LoRA r=avg-rank (default 2 x avg-rank); each module "
-        "keeps that alpha/r."
+        None,
+        help="lora_alpha of uniform LoRA r=avg-rank (default 2 x avg-rank); each module "
+        "keeps that alpha/r.",
     ),
     alpha_policy: str = typer.Option(
         "scale", help="scale (alpha/r as for uniform LoRA) | rslora | constant."
@@ -127,15 +137,24 @@ def _allocate(**options) -> None:
         raise ValueError(f"{out} already holds an allocation.json; pass --overwrite to replace it")
     model_path = options["model"] or str(minilm_path())
     config = AllocationConfig(
-        avg_rank=options["avg_rank"], budget=options["budget"], scheme=options["scheme"],
-        score=options["score"], min_rank=options["min_rank"], max_rank=options["max_rank"],
-        weighting=options["weighting"], top_k_fraction=options["top_k_fraction"],
+        avg_rank=options["avg_rank"],
+        budget=options["budget"],
+        scheme=options["scheme"],
+        score=options["score"],
+        min_rank=options["min_rank"],
+        max_rank=options["max_rank"],
+        weighting=options["weighting"],
+        top_k_fraction=options["top_k_fraction"],
         effective_rank_threshold=options["effective_rank_threshold"],
         spectrum=options["spectrum"],
     )
     calibration = CalibrationConfig(
-        source=options["calib"], num_samples=options["num_samples"], seq_len=options["seq_len"],
-        batch_size=options["batch_size"], seed=options["seed"], text_field=options["text_field"],
+        source=options["calib"],
+        num_samples=options["num_samples"],
+        seq_len=options["seq_len"],
+        batch_size=options["batch_size"],
+        seed=options["seed"],
+        text_field=options["text_field"],
     )
     targets = options["targets"]
     if "," in targets:
@@ -146,9 +165,13 @@ def _allocate(**options) -> None:
     batches = calibration_batches(load_tokenizer(model_path), calibration)
     start = time.perf_counter()
     stats = collect_statistics(
-        model, tracked(batches, f"calibrating ({options['estimator']})"),
-        estimator=options["estimator"], targets=targets, num_probes=options["num_probes"],
-        seed=options["seed"], keep_gram=config.spectrum == "eigenvalues",
+        model,
+        tracked(batches, f"calibrating ({options['estimator']})"),
+        estimator=options["estimator"],
+        targets=targets,
+        num_probes=options["num_probes"],
+        seed=options["seed"],
+        keep_gram=config.spectrum == "eigenvalues",
     )
     seconds = time.perf_counter() - start
     provenance = {
@@ -183,8 +206,9 @@ def _allocate(**options) -> None:
         f"calibration + metrics on {provenance['num_tokens']:,} tokens "
         f"({provenance['num_sequences']} sequences): {seconds:.1f} s"
     )
-    console.print(f"wrote {out / 'allocation.json'}, {out / 'adapter_config.json'}, "
-                  f"{out / 'ranks.png'}")
+    console.print(
+        f"wrote {out / 'allocation.json'}, {out / 'adapter_config.json'}, {out / 'ranks.png'}"
+    )
 
 
 def _write_outputs(out: Path, allocation, lora_config, alphas, variants) -> None:

@@ -22,7 +22,7 @@ class AllocationConfig:
     """
 
     avg_rank: int = 4
-    """Average rank per adapted matrix: the budget is avg_rank x number of matrices (uniform LoRA r)."""
+    """Average rank per adapted matrix; the budget is avg_rank x matrices (uniform LoRA r)."""
     budget: str = "rank"
     """'rank': ranks sum exactly to avg_rank x matrices (the paper). 'parameters': at most the
     trainable parameters of uniform LoRA r=avg_rank (a rank of a d_out x d_in matrix costs

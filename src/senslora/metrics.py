@@ -92,6 +92,11 @@ def _check_multiplicity(multiplicity: int) -> int:
 def _sorted_descending(values, multiplicity: int) -> tuple[torch.Tensor, int]:
     """Validate the compact diagonal and return its values sorted descending, float64."""
     multiplicity = _check_multiplicity(multiplicity)
+    if isinstance(values, torch.Tensor) and values.dtype == torch.float32:
+        # float32 -> float64 is exact and monotone: sort first, in the cheaper dtype
+        flat = values.detach().to(device="cpu").reshape(-1)
+        _check_entries(flat, multiplicity)
+        return torch.sort(flat, descending=True).values.to(torch.float64), multiplicity
     flat = _as_float64(values)
     _check_entries(flat, multiplicity)
     return torch.sort(flat, descending=True).values, multiplicity

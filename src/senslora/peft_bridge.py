@@ -57,7 +57,9 @@ def build_lora_config(
     """``base`` (default: r = avg_rank, lora_alpha = 2·avg_rank) with the allocation's targets,
     ranks and alphas; rank-0 modules are left out of ``target_modules``."""
     if base is None:
-        base = peft.LoraConfig(r=allocation.config.avg_rank, lora_alpha=2 * allocation.config.avg_rank)
+        base = peft.LoraConfig(
+            r=allocation.config.avg_rank, lora_alpha=2 * allocation.config.avg_rank
+        )
     if base.rank_pattern or base.alpha_pattern:
         warnings.warn("the base LoraConfig's rank_pattern/alpha_pattern are replaced", stacklevel=2)
     ranks = {name: rank for name, rank in allocation.ranks.items() if rank > 0}
@@ -88,10 +90,16 @@ def verify_ranks(model: nn.Module, allocation: Allocation, adapter_name: str = "
     got an adapter)."""
     got = injected_ranks(model, adapter_name)
     expected = {name: rank for name, rank in allocation.ranks.items() if rank > 0}
-    problems = [f"{n}: expected rank {r}, got {got.get(n, 'no adapter')}"
-                for n, r in expected.items() if got.get(n) != r]
-    problems += [f"{n}: got rank {r} but the allocation gives it none"
-                 for n, r in got.items() if n not in expected]
+    problems = [
+        f"{n}: expected rank {r}, got {got.get(n, 'no adapter')}"
+        for n, r in expected.items()
+        if got.get(n) != r
+    ]
+    problems += [
+        f"{n}: got rank {r} but the allocation gives it none"
+        for n, r in got.items()
+        if n not in expected
+    ]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise ValueError("LoRA ranks differ from the allocation: " + "; ".join(problems[:3]) + more)

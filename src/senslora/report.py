@@ -111,8 +111,12 @@ def plot_ranks(allocations: Mapping[str, Allocation], path: str | Path) -> Path:
     width = 0.8 / len(labels)
     for i, label in enumerate(labels):
         totals = layer_totals(allocations[label].ranks)
-        bars.bar(x + (i - (len(labels) - 1) / 2) * width, [totals.get(layer, 0) for layer in layers],
-                 width, label=SCORE_LABELS.get(label, label))
+        bars.bar(
+            x + (i - (len(labels) - 1) / 2) * width,
+            [totals.get(layer, 0) for layer in layers],
+            width,
+            label=SCORE_LABELS.get(label, label),
+        )
     bars.set_xticks(x, ["-" if layer is None else str(layer) for layer in layers])
     bars.set_xlabel("layer")
     bars.set_ylabel("rank allocated to the layer")

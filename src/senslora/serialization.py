@@ -80,16 +80,24 @@ def load_allocation(path: str | Path) -> Allocation:
 
 def allocation_from_dict(data: Any, source: str = "allocation") -> Allocation:
     """Validate the parsed JSON and build the Allocation; errors name what was expected."""
+
     def fail(message: str) -> ValueError:
         return ValueError(f"{source}: {message}")
 
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise fail(f"expected a JSON object with schema {SCHEMA!r}, got "
-                   f"{data.get('schema') if isinstance(data, dict) else type(data).__name__!r}")
+        raise fail(
+            f"expected a JSON object with schema {SCHEMA!r}, got "
+            f"{data.get('schema') if isinstance(data, dict) else type(data).__name__!r}"
+        )
     if data.get("schema_version") != SCHEMA_VERSION:
         raise fail(f"expected schema_version {SCHEMA_VERSION}, got {data.get('schema_version')!r}")
-    for key, kind in (("ranks", dict), ("modules", dict), ("weights", dict), ("config", dict),
-                      ("provenance", dict)):
+    for key, kind in (
+        ("ranks", dict),
+        ("modules", dict),
+        ("weights", dict),
+        ("config", dict),
+        ("provenance", dict),
+    ):
         if not isinstance(data.get(key), kind):
             raise fail(f"expected {key!r} to be an object, got {type(data.get(key)).__name__}")
     ranks, modules = data["ranks"], data["modules"]
@@ -100,8 +108,11 @@ def allocation_from_dict(data: Any, source: str = "allocation") -> Allocation:
             raise fail(f"rank of {name} must be an integer >= 0, got {rank!r}")
         entry = modules[name]
         shape = entry.get("shape") if isinstance(entry, dict) else None
-        if (not isinstance(shape, list) or len(shape) != 2
-                or not all(isinstance(d, int) and d > 0 for d in shape)):
+        if (
+            not isinstance(shape, list)
+            or len(shape) != 2
+            or not all(isinstance(d, int) and d > 0 for d in shape)
+        ):
             raise fail(f"shape of {name} must be [d_out, d_in], got {shape!r}")
         for key in METRIC_KEYS:
             value = entry.get(key)

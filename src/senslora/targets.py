@@ -8,8 +8,8 @@ transposed as (d_in, d_out)). Selection follows peft's conventions:
   (so ``["query", "value"]`` selects every attention query and value projection);
 - any other string: a regular expression matched against the full name with `re.fullmatch`.
 
-Heads (the output embedding / ``lm_head``, ``classifier``, ``score``, ``pooler`` ...) are task-specific
-or tied to the vocabulary; they are excluded unless ``include_heads=True``.
+Heads (the output embedding / ``lm_head``, ``classifier``, ``score``, ``pooler`` ...) are
+task-specific or tied to the vocabulary; they are excluded unless ``include_heads=True``.
 """
 
 from __future__ import annotations
@@ -91,13 +91,14 @@ def find_target_modules(
 ) -> dict[str, nn.Module]:
     """The adaptable modules selected by ``targets``, keyed by full module name, in model order.
 
-    Raises ValueError if nothing matches, naming what was asked and a few adaptable names that exist.
+    Raises ValueError if nothing matches, naming what was asked and a few adaptable names.
     """
     if not isinstance(targets, str) and (
         not isinstance(targets, Sequence) or not all(isinstance(t, str) for t in targets)
     ):
         raise ValueError(
-            f"targets must be 'all-linear', a regex string or a list of module names, got {targets!r}"
+            "targets must be 'all-linear', a regex string or a list of module names, "
+            f"got {targets!r}"
         )
     heads = set() if include_heads else head_module_names(model)
     adaptable = {
@@ -107,7 +108,8 @@ def find_target_modules(
     }
     if not adaptable:
         raise ValueError(
-            f"{type(model).__name__} has no adaptable layers (nn.Linear or Conv1D outside the heads)"
+            f"{type(model).__name__} has no adaptable layers "
+            "(nn.Linear or Conv1D outside the heads)"
         )
     selected = {name: module for name, module in adaptable.items() if _matches(name, targets)}
     if not selected:

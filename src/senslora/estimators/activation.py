@@ -64,7 +64,9 @@ def collect_activation_statistics(
     """
     device = input_device(model)
     accumulators = {
-        name: ActivationAccumulator(layer_shape(m).in_features, _module_device(m, device), keep_gram)
+        name: ActivationAccumulator(
+            layer_shape(m).in_features, _module_device(m, device), keep_gram
+        )
         for name, m in modules.items()
     }
     state = {"mask": None, "calls": 0, "limit": None}
