@@ -56,7 +56,9 @@ def main() -> None:
 @app.command()
 def allocate(
     model: str = typer.Option(
-        None, help="Hugging Face model id or local folder. Default: the shipped MiniLM encoder."
+        None,
+        help="Hugging Face model id, local folder, or a built-in: 'minilm' (default, the shipped "
+        "MiniLM encoder) or 'smollm2' (SmolLM2-135M-Instruct, converted once from its GGUF).",
     ),
     calib: str = typer.Option(
         "wikipedia",
@@ -127,15 +129,14 @@ def _allocate(**options) -> None:
 
     from senslora import AllocationConfig, allocate_ranks, collect_statistics
     from senslora.data import CalibrationConfig, calibration_batches, count_tokens, describe_source
-    from senslora.data.assets import minilm_path
-    from senslora.models import load_model, load_tokenizer
+    from senslora.models import load_model, load_tokenizer, resolve_model_path
     from senslora.peft_bridge import lora_alphas
     from senslora.report import rank_table
 
     out: Path = options["out"]
     if (out / "allocation.json").exists() and not options["overwrite"]:
         raise ValueError(f"{out} already holds an allocation.json; pass --overwrite to replace it")
-    model_path = options["model"] or str(minilm_path())
+    model_path = resolve_model_path(options["model"])
     config = AllocationConfig(
         avg_rank=options["avg_rank"],
         budget=options["budget"],

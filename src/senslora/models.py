@@ -102,3 +102,69 @@ def _check_model_path(model_path: str) -> None:
         return
     if model_path.startswith((".", "/", "~")) or model_path.count("/") > 1:
         raise FileNotFoundError(f"model path {model_path} does not exist")
+
+
+BUILTIN_MODELS = ("minilm", "smollm2")
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$SENSLORA_CACHE`` or ``~/.cache/senslora``."""
+    import os
+
+    return Path(os.environ.get("SENSLORA_CACHE", Path.home() / ".cache" / "senslora"))
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """Dequantise a GGUF checkpoint into a plain Hugging Face folder (float32 safetensors).
+
+    transformers reads GGUF with ``gguf_file=``; the result still carries a ``quantization_config``
+    that peft and save/reload do not expect, so it is dropped. The folder appears atomically.
+    """
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(model.state_dict())
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        Path(tmp).rename(out_dir)
+    out_dir.chmod(0o755)  # TemporaryDirectory is private (0700); the cache is not
+    return out_dir
+
+
+def builtin_model_path(name: str) -> Path:
+    """The shipped models: ``minilm`` (BERT encoder folder) and ``smollm2`` (SmolLM2-135M-Instruct,
+    converted once from the shipped GGUF into the cache)."""
+    from senslora.data.assets import minilm_path, smollm2_gguf_path
+
+    if name == "minilm":
+        return minilm_path()
+    if name == "smollm2":
+        folder = cache_dir() / "smollm2-135m-instruct"
+        if not (folder / "config.json").is_file():
+            convert_gguf(smollm2_gguf_path(), folder)
+        return folder
+    raise ValueError(f"built-in models are {BUILTIN_MODELS}, got {name!r}")
+
+
+def resolve_model_path(model: str | None) -> str:
+    """``None`` -> the shipped MiniLM; a built-in name -> its folder; anything else unchanged."""
+    if model is None:
+        return str(builtin_model_path("minilm"))
+    if model in BUILTIN_MODELS and not Path(model).exists():
+        return str(builtin_model_path(model))
+    return model
