@@ -61,6 +61,24 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+def save_tiny_bert_with_minilm_tokenizer(folder):
+    """A tiny random BERT with the shipped MiniLM tokenizer, saved as a local HF folder (for the
+    CLI); skips the test when the MiniLM package is not installed."""
+    from transformers import AutoTokenizer
+
+    from senslora.data.assets import minilm_path
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    except (FileNotFoundError, OSError):
+        pytest.skip("the MiniLM package is not installed (make setup)")
+    model = tiny_bert()
+    model.resize_token_embeddings(tokenizer.vocab_size)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def token_batches(
     num_batches: int = 2,
     batch: int = 3,

@@ -28,7 +28,8 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
 def input_device(model: nn.Module) -> torch.device:
     """Where inputs go: the input embeddings' device for a transformers model (also under
-    ``device_map``), else the first parameter's device."""
+    ``device_map``), else the first parameter's device. Weights offloaded by accelerate sit on
+    the meta device; their module's execution device is used instead."""
     get_input = getattr(model, "get_input_embeddings", None)
     if callable(get_input):
         try:
@@ -36,9 +37,35 @@ def input_device(model: nn.Module) -> torch.device:
         except (AttributeError, NotImplementedError):
             embeddings = None
         if embeddings is not None and getattr(embeddings, "weight", None) is not None:
-            return embeddings.weight.device
+            return module_device(embeddings, fallback=_hooked_device(model))
     parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
+    if parameter is None:
+        return torch.device("cpu")
+    return module_device(model, fallback=torch.device("cpu"))
+
+
+def module_device(module: nn.Module, fallback: torch.device | None = None) -> torch.device:
+    """The device a module computes on: its weight's, or for a weight offloaded to the meta
+    device (accelerate ``device_map``/``cpu_offload``) the execution device of its hook."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        weight = next(module.parameters(), None)
+    if weight is not None and weight.device.type != "meta":
+        return weight.device
+    hooked = _hooked_device(module)
+    if hooked is not None:
+        return hooked
+    return fallback if fallback is not None else torch.device("cpu")
+
+
+def _hooked_device(module: nn.Module) -> torch.device | None:
+    """The ``execution_device`` of an accelerate hook on ``module``, if any."""
+    device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if device is None:
+        return None
+    if isinstance(device, int):  # accelerate names GPUs by index
+        return torch.device("cuda", device)
+    return torch.device(device)
 
 
 def token_mask(batch: Batch) -> torch.Tensor | None:
@@ -46,6 +73,41 @@ def token_mask(batch: Batch) -> torch.Tensor | None:
     if isinstance(batch, Mapping) and batch.get("attention_mask") is not None:
         return batch["attention_mask"].bool()
     return None
+
+
+_TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "inputs_embeds", "labels")
+
+
+def right_align_padding(batch: Batch) -> Batch:
+    """A left-padded dict batch with each row rolled so that its real tokens come first.
+
+    Models with absolute position embeddings (BERT, GPT-2) number positions from column 0 unless
+    given ``position_ids``, so left padding shifts the positions of the real tokens and changes
+    their hidden states. With right padding every real token is computed as without padding
+    (encoders mask the padded keys, causal decoders never look ahead). Returned unchanged: tuple
+    batches, batches without a 2-D mask, with their own ``position_ids``, with another tensor
+    shaped like the mask, or with a row whose real tokens are not one contiguous block.
+    """
+    mask = token_mask(batch)
+    if mask is None or mask.dim() != 2 or "position_ids" in batch:
+        return batch
+    rows, width = mask.shape
+    lead = torch.where(mask.any(dim=1), mask.int().argmax(dim=1), 0)  # leading padding per row
+    if not bool(lead.any()):
+        return batch
+    columns = torch.arange(width, device=mask.device)
+    index = (columns[None, :] + lead[:, None]) % width  # (B, T): new column j <- old j + lead
+    if not torch.equal(mask.gather(1, index), columns[None, :] < mask.sum(dim=1)[:, None]):
+        return batch
+    aligned = dict(batch)
+    for key, value in batch.items():
+        if not torch.is_tensor(value) or tuple(value.shape[:2]) != (rows, width):
+            continue
+        if key not in _TOKEN_KEYS:
+            return batch  # a tensor shaped like the tokens that we do not know how to move
+        expanded = index.to(value.device).view(rows, width, *[1] * (value.dim() - 2))
+        aligned[key] = value.gather(1, expanded.expand_as(value))
+    return aligned
 
 
 def forward(model: nn.Module, batch: Batch, *, with_labels: bool = True) -> Any:
@@ -106,6 +168,12 @@ def default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
         mask = token_mask(batch)
         if mask is not None:
             labels[~mask] = -100
+        longest = int(mask.sum(dim=-1).max()) if mask is not None else labels.shape[-1]
+        if longest < 2:
+            raise ValueError(
+                "the next-token loss needs sequences of at least 2 real tokens, got a batch whose "
+                f"longest sequence has {longest}; drop shorter sequences (min_tokens=2)"
+            )
         batch = {**batch, "labels": labels}
     output = model(**batch)
     loss = getattr(output, "loss", None)

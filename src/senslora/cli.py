@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +24,7 @@ console = Console()
 if not console.is_terminal:  # logs and CI: wide enough for the rank table
     console = Console(width=140)
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ImportError)
+OUTPUT_NAMES = ("adapter_config.json", "allocation.json", "ranks.png")
 
 
 def fail(message: str) -> None:
@@ -115,9 +114,16 @@ def allocate(
     With no --model/--calib it runs on the built-in default: the shipped MiniLM encoder and the
     Wikipedia sample. Example: senslora allocate --model HuggingFaceTB/SmolLM2-135M
     --calib wikitext:wikitext-2-raw-v1 --avg-rank 8 --out runs/smollm2
+
+    Under torchrun or accelerate launch each process calibrates on its share of the batches and
+    the statistics are summed; rank 0 alone prints and writes (docs/distributed.md).
     """
+    from senslora.distributed import launched_process_group
+
+    options = dict(locals())
     try:
-        _allocate(**locals())
+        with launched_process_group(device) as rank:
+            _allocate(**options, main_process=rank == 0)
     except USER_ERRORS as error:
         fail(str(error))
     except FloatingPointError as error:
@@ -134,8 +140,13 @@ def _allocate(**options) -> None:
     from senslora.report import rank_table
 
     out: Path = options["out"]
-    if (out / "allocation.json").exists() and not options["overwrite"]:
-        raise ValueError(f"{out} already holds an allocation.json; pass --overwrite to replace it")
+    main_process = options.get("main_process", True)
+    say = console if main_process else Console(quiet=True)  # rank 0 alone prints
+    existing = [name for name in OUTPUT_NAMES if (out / name).exists()]
+    if existing and not options["overwrite"]:
+        raise ValueError(
+            f"{out} already holds {', '.join(existing)}; pass --overwrite to replace it"
+        )
     model_path = resolve_model_path(options["model"])
     config = AllocationConfig(
         avg_rank=options["avg_rank"],
@@ -161,13 +172,13 @@ def _allocate(**options) -> None:
     if "," in targets:
         targets = [t.strip() for t in targets.split(",") if t.strip()]
 
-    console.print(f"model [bold]{model_path}[/], calibration [bold]{calibration.source}[/]")
+    say.print(f"model [bold]{model_path}[/], calibration [bold]{calibration.source}[/]")
     model = load_model(model_path, device=options["device"], dtype=options["dtype"])
     batches = calibration_batches(load_tokenizer(model_path), calibration)
     start = time.perf_counter()
     stats = collect_statistics(
         model,
-        tracked(batches, f"calibrating ({options['estimator']})"),
+        tracked(batches, f"calibrating ({options['estimator']})") if main_process else batches,
         estimator=options["estimator"],
         targets=targets,
         num_probes=options["num_probes"],
@@ -187,6 +198,7 @@ def _allocate(**options) -> None:
         "senslora_version": __version__,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "calibration_seconds": round(seconds, 3),
+        "world_size": _world_size(),
     }
     allocation = allocate_ranks(stats, config, provenance=provenance)
     variants = {
@@ -200,30 +212,97 @@ def _allocate(**options) -> None:
     policy = options["alpha_policy"]
     lora_config = allocation.to_lora_config(base, alpha_policy=policy)
     alphas = lora_alphas(allocation.ranks, base, policy)
-    _write_outputs(out, allocation, lora_config, alphas, variants)
+    if main_process:
+        _write_outputs(out, allocation, lora_config, alphas, variants)
 
-    console.print(rank_table(allocation))
-    console.print(
+    say.print(rank_table(allocation))
+    say.print(
         f"calibration + metrics on {provenance['num_tokens']:,} tokens "
         f"({provenance['num_sequences']} sequences): {seconds:.1f} s"
     )
-    console.print(
-        f"wrote {out / 'allocation.json'}, {out / 'adapter_config.json'}, {out / 'ranks.png'}"
-    )
+    say.print(f"wrote {', '.join(str(out / name) for name in OUTPUT_NAMES)}")
 
 
 def _write_outputs(out: Path, allocation, lora_config, alphas, variants) -> None:
-    """Every file is written to a temporary name first and renamed when complete."""
+    """All files are written into a staging folder, then moved in together: an error or an
+    interruption leaves either every new file or the previous ones (`senslora.files`)."""
+    from senslora.files import staged_outputs
     from senslora.report import plot_ranks
 
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-") as tmp:
+    with staged_outputs(out, OUTPUT_NAMES) as tmp:
         lora_config.save_pretrained(tmp)
-        allocation.save(str(Path(tmp) / "allocation.json"), alphas=alphas)
-        plot_ranks(variants, Path(tmp) / "ranks.png")
-        for name in ("adapter_config.json", "allocation.json", "ranks.png"):
-            shutil.move(str(Path(tmp) / name), out / name)
+        allocation.save(str(tmp / "allocation.json"), alphas=alphas)
+        plot_ranks(variants, tmp / "ranks.png")
 
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+COMPARE_NAMES = ("comparison.json", "comparison.png")
+
+
+@app.command()
+def compare(
+    first: Path = typer.Argument(..., help="allocation.json (or its folder) A."),
+    second: Path = typer.Argument(..., help="allocation.json (or its folder) B."),
+    out: Path = typer.Option(
+        None, help="Folder for comparison.json and comparison.png (default: print only)."
+    ),
+    overwrite: bool = typer.Option(False, help="Replace a comparison already in --out."),
+) -> None:
+    """How close two allocations of the same model are: Spearman and Kendall correlations of
+    theta and of the ranks, share of modules whose rank differs, L1 distance of the ranks."""
+    try:
+        _compare(first, second, out, overwrite)
+    except USER_ERRORS as error:
+        fail(str(error))
+
+
+def _compare(first: Path, second: Path, out: Path | None, overwrite: bool) -> None:
+    import json
+
+    from rich.table import Table
+
+    from senslora.compare import compare_allocations, plot_comparison
+    from senslora.files import staged_outputs
+    from senslora.serialization import load_allocation
+
+    if out is not None:
+        existing = [name for name in COMPARE_NAMES if (out / name).exists()]
+        if existing and not overwrite:
+            raise ValueError(f"{out} already holds {', '.join(existing)}; pass --overwrite")
+    a, b = load_allocation(first), load_allocation(second)
+    result = compare_allocations(a, b)
+    table = Table(title=f"{first} (A) vs {second} (B): {result.num_modules} modules")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for label, value in (
+        ("Spearman of theta", result.spearman_theta),
+        ("Kendall tau-b of theta", result.kendall_theta),
+        ("Spearman of ranks", result.spearman_ranks),
+        ("Kendall tau-b of ranks", result.kendall_ranks),
+        ("share of ranks that differ", result.share_ranks_differ),
+        ("L1 distance of ranks", result.rank_l1),
+        ("largest rank difference", result.max_rank_difference),
+    ):
+        table.add_row(label, "n/a (constant)" if value is None else f"{value:.4g}")
+    console.print(table)
+    for key, (value_a, value_b) in result.config_differences.items():
+        console.print(f"note: {key} differs: {value_a!r} (A) vs {value_b!r} (B)")
+    if out is None:
+        return
+    record = {"first": str(first), "second": str(second), **result.to_dict()}
+    with staged_outputs(out, COMPARE_NAMES) as tmp:
+        (tmp / "comparison.json").write_text(json.dumps(record, indent=2) + "\n")
+        plot_comparison(a, b, tmp / "comparison.png", labels=("A", "B"))
+    console.print(f"wrote {', '.join(str(out / name) for name in COMPARE_NAMES)}")
+
+
+# Commands defined in other modules register themselves on `app` when imported.
+from senslora import cli_train as _cli_train  # noqa: E402, F401
 
 if __name__ == "__main__":  # pragma: no cover
     app()

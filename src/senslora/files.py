@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
@@ -31,6 +31,53 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+@contextlib.contextmanager
+def staged_outputs(out: str | os.PathLike, names: Sequence[str]) -> Iterator[Path]:
+    """Yield a staging folder inside ``out``; when the block succeeds, move the files ``names``
+    from it into ``out`` together.
+
+    If the block fails, ``out`` is left as it was (a folder created here is removed again). If
+    moving fails or is interrupted half-way, the files already moved are taken back and the
+    previous versions restored: ``out`` holds either every new file or the old ones.
+    """
+    out = Path(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-") as tmp:
+            staging = Path(tmp)
+            yield staging
+            missing = [name for name in names if not (staging / name).is_file()]
+            if missing:
+                raise FileNotFoundError(f"expected the staged outputs {missing} in {staging}")
+            _replace_all(staging, out, names)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if empty
+        raise
+
+
+def _replace_all(staging: Path, out: Path, names: Sequence[str]) -> None:
+    """Move ``staging/name`` onto ``out/name`` for every name, all or nothing."""
+    previous = staging / ".previous"
+    previous.mkdir()
+    saved, moved = [], []
+    try:
+        for name in names:
+            if (out / name).exists():
+                os.replace(out / name, previous / name)
+                saved.append(name)
+            os.replace(staging / name, out / name)
+            moved.append(name)
+    except BaseException:
+        for name in moved:
+            os.replace(out / name, staging / name)
+        for name in saved:
+            os.replace(previous / name, out / name)
+        raise
 
 
 def _umask() -> int:

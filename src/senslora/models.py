@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -56,11 +58,17 @@ def load_model(
     (``bert.encoder.layer.0...``) are the ones the fine-tuned model will have.
     ``device_map="auto"`` spreads a model that does not fit one device (accelerate).
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    resolve_dtype(dtype), resolve_device(device)  # argument errors before any loading
     _check_model_path(model_path)
+    with loading_errors(model_path):
+        return _load_model(model_path, task, device, dtype, num_labels, device_map)
+
+
+def _load_model(model_path, task, device, dtype, num_labels, device_map) -> nn.Module:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
     task = infer_task(model_path) if task == "auto" else task
     kwargs = {"dtype": resolve_dtype(dtype)}
     if device_map is not None:
@@ -89,7 +97,32 @@ def load_tokenizer(model_path: str):
     from transformers import AutoTokenizer
 
     _check_model_path(model_path)
-    return AutoTokenizer.from_pretrained(model_path)
+    with loading_errors(model_path, what="tokenizer"):
+        return AutoTokenizer.from_pretrained(model_path)
+
+
+@contextlib.contextmanager
+def loading_errors(model_path: str, what: str = "model") -> Iterator[None]:
+    """Turn what transformers raises for an unreadable, incomplete or corrupted model folder (or
+    an unreachable hub id) into one ValueError line that names the path."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as error:
+        raise ValueError(f"could not load the {what} {model_path}: {_first_line(error)}") from error
+    except Exception as error:
+        if type(error).__name__ != "SafetensorError":  # safetensors' own exception type
+            raise
+        raise ValueError(
+            f"could not load the {what} {model_path}: corrupted or truncated weights "
+            f"({_first_line(error)})"
+        ) from error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _check_model_path(model_path: str) -> None:

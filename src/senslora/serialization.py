@@ -73,8 +73,14 @@ def load_allocation(path: str | Path) -> Allocation:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"no allocation file at {path}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is not a file: expected an allocation.json") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON ({error}); the file may be truncated") from None
+    except RecursionError:
+        raise ValueError(f"{path} nests JSON too deeply to be an allocation file") from None
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
     return allocation_from_dict(data, source=str(path))
 
 
@@ -111,13 +117,22 @@ def allocation_from_dict(data: Any, source: str = "allocation") -> Allocation:
         if (
             not isinstance(shape, list)
             or len(shape) != 2
-            or not all(isinstance(d, int) and d > 0 for d in shape)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
         ):
             raise fail(f"shape of {name} must be [d_out, d_in], got {shape!r}")
         for key in METRIC_KEYS:
-            value = entry.get(key)
-            if not isinstance(value, int | float) or not math.isfinite(value):
-                raise fail(f"metric {key!r} of {name} must be a finite number, got {value!r}")
+            if not _is_finite_number(entry.get(key)):
+                raise fail(
+                    f"metric {key!r} of {name} must be a finite number, got {entry.get(key)!r}"
+                )
+    for key, value in data["weights"].items():
+        if not _is_finite_number(value):
+            raise fail(f"weight {key!r} must be a finite number, got {value!r}")
+    alphas = data.get("alphas")
+    if alphas is not None and (
+        not isinstance(alphas, dict) or not all(map(_is_finite_number, alphas.values()))
+    ):
+        raise fail(f"expected 'alphas' to be null or an object of numbers, got {alphas!r:.80}")
     try:
         config = AllocationConfig.from_dict(data["config"])
     except (TypeError, ValueError) as error:
@@ -134,6 +149,10 @@ def allocation_from_dict(data: Any, source: str = "allocation") -> Allocation:
         config=config,
         provenance=dict(data["provenance"]),
     )
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_model_matches(allocation: Allocation, model: nn.Module) -> None:

@@ -14,6 +14,7 @@ task-specific or tied to the vocabulary; they are excluded unless ``include_head
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ except ImportError:  # pragma: no cover
     Conv1D = ()  # type: ignore[assignment,misc]
 
 TargetSpec = str | Sequence[str]
+
+logger = logging.getLogger(__name__)
 
 HEAD_NAMES = frozenset(
     {"lm_head", "classifier", "score", "qa_outputs", "pooler", "cls", "pre_classifier", "embed_out"}
@@ -59,6 +62,17 @@ def layer_shape(module: nn.Module) -> LayerShape:
 def is_adaptable(module: nn.Module) -> bool:
     """True for the layer types a LoRA adapter can wrap here (Linear, Conv1D)."""
     return isinstance(module, nn.Linear) or bool(Conv1D and isinstance(module, Conv1D))
+
+
+def looks_linear(module: nn.Module) -> bool:
+    """A layer that is linear in spirit but not a Linear/Conv1D subclass (e.g. a custom
+    quantized layer with ``in_features``/``out_features``), and not a wrapper around one."""
+    if is_adaptable(module):
+        return False
+    for keys in (("in_features", "out_features"), ("infeatures", "outfeatures")):
+        if all(isinstance(getattr(module, key, None), int) for key in keys):
+            return not any(is_adaptable(child) for child in module.modules())
+    return False
 
 
 def head_module_names(model: nn.Module) -> set[str]:
@@ -106,11 +120,7 @@ def find_target_modules(
         for name, module in model.named_modules()
         if name and is_adaptable(module) and name not in heads
     }
-    if not adaptable:
-        raise ValueError(
-            f"{type(model).__name__} has no adaptable layers "
-            "(nn.Linear or Conv1D outside the heads)"
-        )
+    _check_unadaptable(model, targets, heads, found_adaptable=bool(adaptable))
     selected = {name: module for name, module in adaptable.items() if _matches(name, targets)}
     if not selected:
         examples = ", ".join(list(adaptable)[:4])
@@ -119,3 +129,38 @@ def find_target_modules(
             f"{examples}"
         )
     return selected
+
+
+def _check_unadaptable(
+    model: nn.Module, targets: TargetSpec, heads: set[str], *, found_adaptable: bool
+) -> None:
+    """Linear-like layers that are not nn.Linear/Conv1D (custom quantized layers) cannot get an
+    adapter: an error when asked for by name or regex, a warning under ``all-linear``."""
+    unadaptable = {
+        name: type(module).__name__
+        for name, module in model.named_modules()
+        if name and name not in heads and looks_linear(module)
+    }
+    named = [n for n in unadaptable if targets != "all-linear" and _matches(n, targets)]
+    if named:
+        raise ValueError(
+            f"target {named[0]} is a {unadaptable[named[0]]}, expected nn.Linear or Conv1D (or a "
+            "subclass, like bitsandbytes' Linear8bitLt/Linear4bit): it cannot get a LoRA adapter"
+        )
+    if not found_adaptable:
+        found = (
+            f"; found {len(unadaptable)} linear-like layers of other types" if unadaptable else ""
+        )
+        raise ValueError(
+            f"{type(model).__name__} has no adaptable layers "
+            f"(nn.Linear or Conv1D outside the heads){found}"
+        )
+    if unadaptable and targets == "all-linear":
+        kinds = sorted(set(unadaptable.values()))
+        logger.warning(
+            "skipping %d linear-like layers that are not nn.Linear/Conv1D (%s), e.g. %s: they "
+            "get no adapter",
+            len(unadaptable),
+            ", ".join(kinds),
+            next(iter(unadaptable)),
+        )

@@ -315,14 +315,19 @@ def count_tokens(batches: Sequence[dict[str, torch.Tensor]]) -> int:
     return int(sum(int(batch["attention_mask"].sum()) for batch in batches))
 
 
-def calibration_batches(tokenizer: Any, config: CalibrationConfig) -> list[dict[str, torch.Tensor]]:
+def calibration_batches(
+    tokenizer: Any, config: CalibrationConfig, *, texts: Sequence[str] | None = None
+) -> list[dict[str, torch.Tensor]]:
     """Token batches for calibration: sampled texts, truncated, padded per batch.
+
+    ``texts`` replaces ``config.source`` when given (e.g. a task's own training texts).
 
     Sequences keep the sampled order (no sorting by length), so the same config gives the
     same batches. Padding follows ``tokenizer.padding_side``; a tokenizer without a pad token
     is padded with its eos token. Raises ValueError when no sequence has ``min_tokens`` tokens.
     """
-    texts = load_texts(config.source, text_field=config.text_field, split=config.split)
+    if texts is None:
+        texts = load_texts(config.source, text_field=config.text_field, split=config.split)
     chosen = sample_texts(texts, config.num_samples, config.seed)
     sequences = _tokenize(tokenizer, chosen, config.seq_len)
     kept = [ids for ids in sequences if len(ids) >= config.min_tokens]

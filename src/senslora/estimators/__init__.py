@@ -7,7 +7,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from senslora.batches import Batch, LossFn, default_loss
+from senslora.batches import Batch, LossFn, default_loss, right_align_padding
+from senslora.distributed import all_reduce_statistics, distributed_world, shard_batches
 from senslora.estimators.activation import collect_activation_statistics
 from senslora.estimators.gradients import (
     collect_fisher_statistics,
@@ -32,6 +33,7 @@ def collect_statistics(
     per_sample: bool = True,
     autocast_dtype: torch.dtype | None = None,
     seed: int = 0,
+    distributed: bool | None = None,
 ) -> dict[str, ModuleStats]:
     """Curvature statistics of every target module of ``model`` over the calibration ``batches``.
 
@@ -50,7 +52,15 @@ def collect_statistics(
         per_sample: fisher from per-sample gradients (default) or per-batch gradients.
         autocast_dtype: run the activation forward under autocast (e.g. torch.bfloat16 on GPU);
             accumulation stays float32.
-        seed: seed of the Hutchinson probes.
+        seed: seed of the Hutchinson probes (process ``rank`` of a distributed run uses
+            ``seed + rank``).
+        distributed: shard the batches over the torch.distributed processes (batch i goes to rank
+            i mod world size) and all-reduce the statistics, so that every process returns those
+            of all the batches. None: automatic when a process group with more than one process
+            is initialised. Every process must call this with the same model and batches.
+
+    Left-padded dict batches are right-aligned first (see `senslora.batches.right_align_padding`)
+    so that the statistics do not depend on the padding side.
 
     Returns:
         ``{full module name: ModuleStats}`` in model order.
@@ -58,6 +68,14 @@ def collect_statistics(
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     modules = find_target_modules(model, targets, include_heads=include_heads)
+    if estimator != "activation":
+        _check_differentiable(modules, estimator)
+    world = distributed_world(distributed)
+    if world is not None:
+        rank, world_size = world
+        batches = shard_batches(batches, rank, world_size)
+        seed += rank
+    batches = map(right_align_padding, batches)
     if estimator == "activation":
         stats = collect_activation_statistics(
             model, modules, batches, keep_gram=keep_gram, autocast_dtype=autocast_dtype
@@ -70,8 +88,28 @@ def collect_statistics(
         stats = collect_hutchinson_statistics(
             model, modules, batches, loss_fn or default_loss, num_probes=num_probes, seed=seed
         )
+    if world is not None:  # every process reaches this, even with no batch of its own
+        stats = all_reduce_statistics(stats)
     _check_collected(stats)
     return stats
+
+
+def _check_differentiable(modules: dict[str, nn.Module], estimator: str) -> None:
+    """The gradient estimators need every target weight in memory and in floating point."""
+    for name, module in modules.items():
+        weight = module.weight
+        if weight.device.type == "meta":
+            raise ValueError(
+                f"the {estimator} estimator needs every target weight in memory, but {name} is "
+                "offloaded (meta device, accelerate device_map/offloading); use the activation "
+                "estimator"
+            )
+        if not weight.is_floating_point():
+            raise ValueError(
+                f"the {estimator} estimator needs floating-point weights, but {name} has a "
+                f"{weight.dtype} weight ({type(module).__name__}, quantized?); use the activation "
+                "estimator"
+            )
 
 
 def _check_collected(stats: dict[str, ModuleStats]) -> None:

@@ -14,7 +14,14 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from senslora.batches import Batch, forward, input_device, to_device, token_mask
+from senslora.batches import (
+    Batch,
+    forward,
+    input_device,
+    module_device,
+    to_device,
+    token_mask,
+)
 from senslora.statistics import ModuleStats
 from senslora.targets import layer_shape
 
@@ -112,10 +119,9 @@ def collect_activation_statistics(
 
 
 def _module_device(module: nn.Module, fallback: torch.device) -> torch.device:
-    weight = getattr(module, "weight", None)
-    if weight is None or weight.device.type == "meta":
-        return fallback
-    return weight.device
+    """Where the module's inputs arrive: its weight's device, or for a weight offloaded by
+    accelerate (meta device) the execution device of its hook."""
+    return module_device(module, fallback)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):

@@ -1,0 +1,169 @@
+"""Every method trains a tiny random model: the loss goes down, budgets hold, bench resumes."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from conftest import tiny_bert, tiny_gpt2
+from transformers import AutoTokenizer
+
+from senslora.bench import load_spec, run_bench
+from senslora.config import TrainConfig
+from senslora.data.assets import minilm_path
+from senslora.training import run_training
+
+WORDS = ["film", "story", "actor", "scene", "plot", "music", "ending", "cast"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Tiny random BERT and GPT-2 folders with the shipped MiniLM tokenizer, and task files."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    except FileNotFoundError:
+        pytest.skip("the MiniLM package is not installed (make setup)")
+    root = tmp_path_factory.mktemp("training")
+    tokenizer.eos_token = "[SEP]"
+    for name, model in (("bert", tiny_bert()), ("gpt2", tiny_gpt2())):
+        model.resize_token_embeddings(tokenizer.vocab_size)
+        model.config.eos_token_id = tokenizer.sep_token_id
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    rng = random.Random(0)
+    for split, n in (("", 96), (".dev", 32)):
+        rows = ["text,label"]
+        for _ in range(n):
+            label = rng.randint(0, 1)
+            words = rng.sample(WORDS, 4) + ["great" if label else "awful"]
+            rng.shuffle(words)
+            rows.append(f"{' '.join(words)},{label}")
+        (root / f"sentiment{split}.csv").write_text("\n".join(rows) + "\n")
+        lines = [
+            json.dumps({"instruction": f"Repeat: {w}", "response": w})
+            for w in rng.choices(WORDS, k=n)
+        ]
+        (root / f"echo{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def train(folders, tmp_path, **options):
+    defaults = dict(
+        task=f"csv:{folders / 'sentiment.csv'}",
+        model=str(folders / "bert"),
+        avg_rank=2,
+        epochs=4,
+        batch_size=16,
+        learning_rate=5e-3,
+        calib_samples=8,
+        calib_seq_len=16,
+        device="cpu",
+        max_length=32,
+    )
+    config = TrainConfig(**{**defaults, **options})
+    return run_training(config, tmp_path / config.method, progress=False)
+
+
+@pytest.mark.parametrize("method", ["lora", "senslora", "senslora-pra", "adalora", "eva"])
+def test_each_method_trains_and_reports(folders, tmp_path, method):
+    results = train(folders, tmp_path, method=method)
+    assert len(results["epochs"]) == 4
+    train_losses = results["train_losses"]
+    assert train_losses[-1] < train_losses[0], train_losses
+    assert results["parameters"]["lora"] > 0
+    assert (tmp_path / method / "adapter" / "adapter_config.json").exists()
+    assert not (tmp_path / method / "checkpoints").exists()
+    assert 0.0 <= results["last"]["accuracy"] <= 1.0
+
+
+def test_senslora_keeps_the_rank_budget_of_lora(folders, tmp_path):
+    results = train(folders, tmp_path, method="senslora", epochs=1)
+    assert sum(results["ranks"].values()) == 2 * len(results["ranks"]) == 2 * 12
+    assert (tmp_path / "senslora" / "allocation.json").exists()
+
+
+def test_adalora_budget_really_shrinks(folders, tmp_path):
+    results = train(folders, tmp_path, method="adalora", epochs=6)
+    ranks = results["ranks"]
+    assert len(ranks) == 12
+    initial = 3 * len(ranks)  # init_r = 3 for avg_rank 2
+    assert sum(ranks.values()) < initial
+    assert sum(ranks.values()) <= 2 * len(ranks)
+
+
+def test_eva_redistributes_ranks(folders, tmp_path):
+    results = train(folders, tmp_path, method="eva", epochs=1)
+    ranks = results["ranks"]
+    assert sum(ranks.values()) == 2 * len(ranks)
+    assert len(set(ranks.values())) > 1
+
+
+def test_generation_task_trains_with_response_only_loss(folders, tmp_path):
+    results = train(
+        folders,
+        tmp_path,
+        method="senslora",
+        model=str(folders / "gpt2"),
+        task=f"gen:{folders / 'echo.jsonl'}",
+        epochs=2,
+        max_new_tokens=4,
+    )
+    assert set(results["last"]) >= {"bleu4", "rouge1", "rougeL", "epoch"}
+    assert results["train_losses"][-1] < results["train_losses"][0]
+
+
+def test_finished_run_is_refused_without_overwrite(folders, tmp_path):
+    train(folders, tmp_path, method="lora", epochs=1)
+    with pytest.raises(ValueError, match="--overwrite"):
+        train(folders, tmp_path, method="lora", epochs=1)
+
+
+def test_bench_resumes_without_rerunning(folders, tmp_path):
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f"""
+out = "grid"
+methods = ["lora", "senslora"]
+tasks = ["csv:{folders / "sentiment.csv"}"]
+seeds = [0, 1]
+[defaults]
+model = "{folders / "bert"}"
+avg_rank = 2
+epochs = 1
+batch_size = 32
+calib_samples = 8
+calib_seq_len = 16
+device = "cpu"
+""")
+    bench = load_spec(spec)
+    calls = []
+
+    def runner(config, out):
+        calls.append((config.method, config.seed))
+        return run_training(config, out, progress=False)
+
+    first = run_bench(bench, runner)
+    assert first == {"ran": 4, "skipped": 0}
+    (bench.run_dir(bench.tasks[0], "senslora", 1) / "results.json").unlink()
+    second = run_bench(bench, runner)
+    assert second == {"ran": 1, "skipped": 3}
+    assert calls[-1] == ("senslora", 1)
+    summary = json.loads((bench.out / "results.json").read_text())["main"]
+    row = summary["table"]["senslora"][bench.tasks[0]]
+    assert row["n"] == 2 and row["diff_vs_lora"]["n"] == 2
+    assert "Paired difference" in (bench.out / "results.md").read_text()
+
+
+@pytest.mark.real_model
+def test_demo_quick_runs_end_to_end(tmp_path):
+    from typer.testing import CliRunner
+
+    from senslora.cli import app
+
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "lora vs senslora" in result.output
+    report = (tmp_path / "report.md").read_text()
+    assert "| lora |" in report and "| senslora |" in report
+    assert (tmp_path / "ranks.png").exists()
