@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 run: setup
-	$(BIN)/senslora allocate --out runs/allocate-default --overwrite
+	$(BIN)/senslora demo --out runs/demo
 
 test: setup
 	$(BIN)/pytest

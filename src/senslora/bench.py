@@ -57,8 +57,9 @@ class BenchSpec:
         )
 
     def runs(self) -> Iterable[tuple[str, str, int]]:
-        for task in self.tasks:
-            for seed in self.seeds:
+        """Seed by seed, so that a partial grid already has every task and method once."""
+        for seed in self.seeds:
+            for task in self.tasks:
                 for method in self.methods:
                     yield task, method, seed
 

@@ -148,7 +148,13 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
         for number, line in enumerate(stream, start=1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"{path}:{number}: expected one JSON object per line, found invalid JSON "
+                    f"({error.msg} at column {error.colno})"
+                ) from None
             if not isinstance(record, dict):
                 raise ValueError(
                     f"{path}:{number}: expected one JSON object per line, "
@@ -176,9 +182,21 @@ def _local_texts(path: Path, text_field: str | None) -> list[str]:
             f"{path}: expected a file ending in one of {', '.join(LOCAL_EXTENSIONS)}, "
             f"found {suffix or 'no extension'!r}"
         )
-    if suffix == ".txt":
-        return _column_texts(path.read_text(encoding="utf-8").splitlines())
-    return _frame_texts(_read_table(path), text_field, str(path))
+    try:
+        if suffix == ".txt":
+            return _column_texts(path.read_text(encoding="utf-8").splitlines())
+        frame = _read_table(path)
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path}: expected UTF-8 text, found byte {error.object[error.start]:#04x} at "
+            f"offset {error.start}"
+        ) from None
+    except ValueError as error:  # pandas, pyarrow and json parse errors are ValueErrors
+        if str(error).startswith(str(path)):
+            raise
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"{path}: could not read it as {suffix} ({first_line})") from None
+    return _frame_texts(frame, text_field, str(path))
 
 
 def _split_hub_name(source: str) -> tuple[str, str | None]:
