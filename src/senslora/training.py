@@ -153,10 +153,6 @@ def run_training(
     if prepared.allocation is not None and not saved.exists():
         prepared.allocation.save(str(saved))
     peft_model = prepared.model
-    trainable = trainable_parameters(peft_model)
-    lora_params = sum(
-        p.numel() for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n
-    )
 
     args = _training_arguments(config, out_dir / "checkpoints", steps_per_epoch, progress)
     callbacks = [AdaLoraCallback()] if config.method == "adalora" else []
@@ -186,19 +182,8 @@ def run_training(
     trainer.train(resume_from_checkpoint=True if resume else None)
     train_seconds = time.perf_counter() - train_start
 
-    results = _results(
-        config,
-        task,
-        trainer,
-        prepared,
-        peft_model,
-        trainable,
-        lora_params,
-        model_path,
-        time.perf_counter() - start,
-        train_seconds,
-        resume,
-    )
+    timings = {"wall": time.perf_counter() - start, "train": train_seconds}
+    results = _results(config, task, trainer, prepared, model_path, timings, resume)
     if trainer.is_world_process_zero():
         peft_model.save_pretrained(out_dir / "adapter")
         write_text_atomic(out_dir / RESULTS, json.dumps(results, indent=2) + "\n")
@@ -279,19 +264,8 @@ def _epoch_metrics(log_history: list[dict]) -> list[dict[str, float]]:
     return rows
 
 
-def _results(
-    config,
-    task,
-    trainer,
-    prepared,
-    peft_model,
-    trainable,
-    lora_params,
-    model_path,
-    wall_seconds,
-    train_seconds,
-    resumed,
-) -> dict[str, Any]:
+def _results(config, task, trainer, prepared, model_path, timings, resumed) -> dict[str, Any]:
+    peft_model = prepared.model
     epochs = _epoch_metrics(trainer.state.log_history)
     main = _main_key(task, epochs)
     best = max(epochs, key=lambda row: row[main]) if epochs else None
@@ -315,8 +289,12 @@ def _results(
         "num_train": len(task.train),
         "num_dev": {k: len(v) for k, v in task.dev.items()},
         "parameters": {
-            "trainable": trainable,
-            "lora": lora_params,
+            "trainable": trainable_parameters(peft_model),
+            "lora": sum(
+                p.numel()
+                for n, p in peft_model.named_parameters()
+                if p.requires_grad and "lora_" in n
+            ),
             "final_lora": sum(r * sum(shapes.get(n, (0, 0))) for n, r in (ranks or {}).items()),
         },
         "ranks": ranks,
@@ -324,8 +302,8 @@ def _results(
         "train_losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
         "best": best,
         "last": epochs[-1] if epochs else None,
-        "train_seconds": round(train_seconds, 2),
-        "wall_seconds": round(wall_seconds, 2),
+        "train_seconds": round(timings["train"], 2),
+        "wall_seconds": round(timings["wall"], 2),
         "peak_memory_mb": _peak_memory_mb(),
         "resumed": resumed,
         "device": str(resolve_device(config.device)),

@@ -153,7 +153,7 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
             except json.JSONDecodeError as error:
                 raise ValueError(
                     f"{path}:{number}: expected one JSON object per line, found invalid JSON "
-                    f"({error.msg} at column {error.colno})"
+                    f"({error.msg} at character {error.pos})"
                 ) from None
             if not isinstance(record, dict):
                 raise ValueError(
