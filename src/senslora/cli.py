@@ -106,6 +106,11 @@ def allocate(
     text_field: str = typer.Option(None, help="Text column/field of a file or hub dataset."),
     num_probes: int = typer.Option(8, help="Hutchinson probes per batch."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    device_map: str = typer.Option(
+        None,
+        help="Spread a model that does not fit one device over GPUs and CPU memory (accelerate): "
+        "auto | balanced | sequential. Offloaded layers: activation estimator only.",
+    ),
     dtype: str = typer.Option("float32", help="Model dtype: float32 | bfloat16 | float16."),
     overwrite: bool = typer.Option(False, help="Replace results already in --out."),
 ) -> None:
@@ -173,7 +178,12 @@ def _allocate(**options) -> None:
         targets = [t.strip() for t in targets.split(",") if t.strip()]
 
     say.print(f"model [bold]{model_path}[/], calibration [bold]{calibration.source}[/]")
-    model = load_model(model_path, device=options["device"], dtype=options["dtype"])
+    model = load_model(
+        model_path,
+        device=options["device"],
+        dtype=options["dtype"],
+        device_map=options.get("device_map"),
+    )
     batches = calibration_batches(load_tokenizer(model_path), calibration)
     start = time.perf_counter()
     stats = collect_statistics(
@@ -303,6 +313,3 @@ def _compare(first: Path, second: Path, out: Path | None, overwrite: bool) -> No
 
 # Commands defined in other modules register themselves on `app` when imported.
 from senslora import cli_train as _cli_train  # noqa: E402, F401
-
-if __name__ == "__main__":  # pragma: no cover
-    app()

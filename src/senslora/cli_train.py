@@ -37,6 +37,8 @@ def train(
     calib: str = typer.Option(
         "wikipedia", help="Calibration text for senslora ('task': the task's own training texts)."
     ),
+    calib_samples: int = typer.Option(128, help="Calibration sequences (senslora methods)."),
+    calib_seq_len: int = typer.Option(128, help="Max tokens per calibration sequence."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
     out: Path = typer.Option(..., help="Run folder: results.json, adapter/, allocation.json."),

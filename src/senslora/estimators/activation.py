@@ -10,6 +10,7 @@ are masked out.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -44,15 +45,66 @@ class ActivationAccumulator:
 
     def add(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
         """Accumulate one batch of inputs x (..., d_in); mask (B, T) selects the real tokens."""
-        if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-            x = x[mask.to(x.device)]  # (B, T, d_in) -> (real tokens, d_in)
-        else:
-            x = x.reshape(-1, x.shape[-1])  # (..., d_in) -> (tokens, d_in)
-        x = x.float()
-        self.column_sums.add_(x.square().sum(dim=0), alpha=2.0)
-        if self.gram is not None:
-            self.gram.addmm_(x.t(), x, alpha=2.0)
-        self.num_tokens += x.shape[0]
+        rows, copied = RealTokens(mask).rows(x)
+        self.add_sums(input_sums(rows, copied=copied, keep_gram=self.gram is not None))
+
+    def add_sums(self, sums: InputSums) -> None:
+        """Accumulate the sums of one batch of inputs (shared by modules that read one input)."""
+        device = self.column_sums.device
+        self.column_sums.add_(sums.squares.to(device, non_blocking=True), alpha=2.0)
+        if self.gram is not None and sums.gram is not None:
+            self.gram.add_(sums.gram.to(device, non_blocking=True), alpha=2.0)
+        self.num_tokens += sums.num_tokens
+
+
+class RealTokens:
+    """The real (non-padding) tokens of one batch, as row indices into the flattened (B*T) inputs.
+
+    The indices are computed once per batch from the attention mask, on the mask's device (the
+    CPU for calibration batches, so no device synchronisation), and copied once to each device
+    that asks; every hook then gathers its rows with ``index_select`` instead of boolean
+    indexing, which would synchronise with the device on every call.
+    """
+
+    def __init__(self, mask: torch.Tensor | None):
+        self.shape = tuple(mask.shape) if mask is not None and mask.dim() == 2 else None
+        self.index = None
+        if self.shape is not None and not bool(mask.all()):
+            self.index = mask.reshape(-1).nonzero().squeeze(1)  # (B, T) -> (real tokens,)
+        self._index_by_device: dict[torch.device, torch.Tensor] = {}
+
+    def rows(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """x (..., d_in) -> (tokens, d_in), only the real tokens when x is (B, T, d_in); and
+        whether the rows are a copy (True) or may share x's memory (False)."""
+        flat = x.reshape(-1, x.shape[-1])  # (..., d_in) -> (tokens, d_in)
+        if self.index is None or x.dim() != 3 or tuple(x.shape[:2]) != self.shape:
+            return flat, False
+        index = self._index_by_device.get(x.device)
+        if index is None:
+            index = self._index_by_device[x.device] = self.index.to(x.device, non_blocking=True)
+        return flat.index_select(0, index), True
+
+
+@dataclass
+class InputSums:
+    """Σ_t x_tj² per column (and Σ_t x_t x_tᵀ) of one batch of a layer's input, float32."""
+
+    squares: torch.Tensor
+    gram: torch.Tensor | None
+    num_tokens: int
+
+
+def input_sums(rows: torch.Tensor, *, copied: bool, keep_gram: bool) -> InputSums:
+    """Column sums of squares (and the Gram matrix) of ``rows`` (tokens, d_in), in float32.
+
+    ``rows`` is squared in place only when it is a copy (``copied``, or a float32 copy of a
+    low-precision input); a view of a model activation is never written to.
+    """
+    copied = copied or rows.dtype != torch.float32
+    rows = rows.float()
+    gram = rows.t() @ rows if keep_gram else None  # (d_in, tokens) @ (tokens, d_in)
+    squares = rows.square_() if copied else rows.square()
+    return InputSums(squares.sum(dim=0), gram, rows.shape[0])
 
 
 def collect_activation_statistics(
@@ -68,6 +120,8 @@ def collect_activation_statistics(
 
     With ``stop_early`` the forward pass is cut after the last hooked call (counted on the first
     batch), so heads after the last target module (e.g. a large ``lm_head``) are never computed.
+    Modules called one after the other on the very same input tensor (BERT's query/key/value,
+    Llama's q/k/v and gate/up projections) share one computation of its sums.
     """
     device = input_device(model)
     accumulators = {
@@ -76,13 +130,13 @@ def collect_activation_statistics(
         )
         for name, m in modules.items()
     }
-    state = {"mask": None, "calls": 0, "limit": None}
+    state = _HookState()
 
     def make_hook(name: str):
         def hook(_module, inputs, _output):
-            accumulators[name].add(inputs[0].detach(), state["mask"])
-            state["calls"] += 1
-            if state["limit"] is not None and state["calls"] >= state["limit"]:
+            accumulators[name].add_sums(state.sums_of(inputs[0], keep_gram))
+            state.calls += 1
+            if state.limit is not None and state.calls >= state.limit:
                 raise _StopForward
 
         return hook
@@ -93,17 +147,17 @@ def collect_activation_statistics(
     try:
         with torch.inference_mode(), _autocast(device, autocast_dtype):
             for batch in batches:
-                batch = to_device(batch, device)
-                state["mask"], state["calls"] = token_mask(batch), 0
+                state.start_batch(RealTokens(token_mask(batch)))  # before the copy to device
                 try:
-                    forward(model, batch, with_labels=False)
+                    forward(model, to_device(batch, device), with_labels=False)
                 except _StopForward:
                     pass
-                if stop_early and state["limit"] is None:
-                    state["limit"] = state["calls"]
+                if stop_early and state.limit is None:
+                    state.limit = state.calls
     finally:
         for handle in handles:
             handle.remove()
+        state.start_batch(None)  # drop the references to the last batch
         model.train(was_training)
     return {
         name: ModuleStats(
@@ -116,6 +170,30 @@ def collect_activation_statistics(
         )
         for name, acc in accumulators.items()
     }
+
+
+class _HookState:
+    """What the hooks share during one forward pass: the batch's real tokens, the number of hooked
+    calls so far and the last input seen with its sums."""
+
+    def __init__(self):
+        self.tokens: RealTokens | None = None
+        self.calls = 0
+        self.limit: int | None = None
+        self._last_input: torch.Tensor | None = None
+        self._last_sums: InputSums | None = None
+
+    def start_batch(self, tokens: RealTokens | None) -> None:
+        self.tokens, self.calls = tokens, 0
+        self._last_input = self._last_sums = None
+
+    def sums_of(self, x: torch.Tensor, keep_gram: bool) -> InputSums:
+        """The sums of ``x``, reused when ``x`` is the very tensor of the previous hooked call."""
+        if x is not self._last_input or self._last_sums is None:
+            rows, copied = self.tokens.rows(x.detach())
+            self._last_sums = input_sums(rows, copied=copied, keep_gram=keep_gram)
+            self._last_input = x
+        return self._last_sums
 
 
 def _module_device(module: nn.Module, fallback: torch.device) -> torch.device:

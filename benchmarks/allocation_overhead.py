@@ -1,0 +1,174 @@
+"""Benchmark 1: the cost of an allocation relative to one plain forward pass.
+
+    .venv/bin/python benchmarks/allocation_overhead.py [--quick] [--device cuda --dtype bfloat16]
+
+For each model, on the same calibration batches and interleaved round by round:
+
+- ``forward``: a plain ``torch.inference_mode()`` forward pass of the model over the batches
+  (with its head: ``lm_head`` for SmolLM2, pooler + classifier for MiniLM);
+- ``senslora``: ``collect_statistics`` (activation estimator) + ``allocate_ranks``, i.e.
+  calibration, metrics and ranks, everything a user runs before training;
+- ``senslora_full_forward``: the same without the early stop (the forward runs through the head),
+  to show what the early stop saves.
+
+The ratio senslora / forward is the headline (limit 1.0 is "one forward pass"; target <= 1.10).
+The gradient estimators are timed on a smaller calibration set, again against a plain forward
+pass over that set: ``fisher`` (per-sample gradients) and ``hutchinson`` (8 Rademacher probes,
+double backward through eager attention).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+from common import (
+    QUICK_MODELS,
+    calibration,
+    describe_batches,
+    environment,
+    interleaved,
+    load_benchmark_model,
+    parse_args,
+    plain_forward,
+    summarize,
+    warmup_slice,
+    write_results,
+)
+
+import senslora
+from senslora.estimators.activation import collect_activation_statistics
+from senslora.targets import find_target_modules
+
+TARGET = 1.10
+AVG_RANK = 4
+# model -> (sequences, max length, repeats) for the activation estimator; the gradient set
+FULL = {
+    "minilm": {"activation": (32, 256, 9), "gradient": (4, 128, 2)},
+    "smollm2": {"activation": (32, 128, 3), "gradient": (2, 64, 1)},
+}
+QUICK = {"activation": (8, 32, 2), "gradient": (4, 16, 1)}
+
+
+def allocation_fn(model, args, estimator="activation", stop_early=True):
+    """Statistics + metrics + ranks on some batches: what the user pays for an allocation."""
+    config = senslora.AllocationConfig(avg_rank=AVG_RANK)
+
+    def run(batches):
+        if stop_early:
+            stats = senslora.collect_statistics(
+                model, batches, estimator=estimator, autocast_dtype=args.autocast_dtype
+            )
+        else:
+            modules = find_target_modules(model)
+            stats = collect_activation_statistics(
+                model, modules, batches, autocast_dtype=args.autocast_dtype, stop_early=False
+            )
+        return senslora.allocate_ranks(stats, config)
+
+    return run
+
+
+def forward_fn(model, args):
+    return lambda batches: plain_forward(model, batches, args.device, args.autocast_dtype)
+
+
+def head_share(model) -> dict[str, float | int] | None:
+    """Multiply-accumulates per token of the output head vs all linear layers (analytic)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or not isinstance(head, torch.nn.Linear):
+        return None
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return {
+        "head_shape": list(head.weight.shape),
+        "head_weights": head.weight.numel(),
+        "all_linear_weights": linear,
+        "head_share_of_linear_macs": head.weight.numel() / linear,
+    }
+
+
+def with_labels(batches, model):
+    """Classification models need labels for the gradient estimators: random ones, seeded."""
+    if getattr(model.config, "is_decoder", False) or "CausalLM" in type(model).__name__:
+        return batches
+    generator = torch.Generator().manual_seed(0)
+    return [
+        {**b, "labels": torch.randint(0, 2, (b["input_ids"].shape[0],), generator=generator)}
+        for b in batches
+    ]
+
+
+def bench_model(name: str, args) -> dict:
+    model_name = QUICK_MODELS[name] if args.quick else name
+    sizes = QUICK if args.quick else FULL[name]
+    model, tokenizer = load_benchmark_model(model_name, args.device)
+    result = {"model": model_name, "targets": len(find_target_modules(model))}
+
+    samples, seq_len, repeats = sizes["activation"]
+    batches = calibration(tokenizer, samples, seq_len)
+    print(f"{model_name}: activation estimator, {describe_batches(batches)}")
+    methods = {
+        "forward": forward_fn(model, args),
+        "senslora": allocation_fn(model, args),
+        "senslora_full_forward": allocation_fn(model, args, stop_early=False),
+    }
+    times = interleaved(methods, batches, warmup_slice(batches), args.device, repeats)
+    summary = summarize(times, baseline="forward")
+    ratio = summary["senslora"]["wall"]["ratio_paired_median"]
+    saving = 1 - statistics.median(
+        a / b for a, b in zip(times["senslora"], times["senslora_full_forward"], strict=True)
+    )
+    result["activation"] = {
+        "calibration": {"source": "wikipedia", "max_length": seq_len, **describe_batches(batches)},
+        "repeats": repeats,
+        "timings": summary,
+        "ratio": ratio,
+        "target": TARGET,
+        "met": ratio <= TARGET,
+        "early_stop_saving": saving,
+        "head": head_share(model),
+    }
+    print(f"  senslora / forward = {ratio:.3f} (target <= {TARGET}); early stop saves {saving:.1%}")
+
+    samples, seq_len, repeats = sizes["gradient"]
+    small = with_labels(calibration(tokenizer, samples, seq_len, batch_size=4), model)
+    print(f"{model_name}: gradient estimators, {describe_batches(small)}")
+    methods = {
+        "forward": forward_fn(model, args),
+        "fisher": allocation_fn(model, args, estimator="fisher"),
+        "hutchinson": allocation_fn(model, args, estimator="hutchinson"),
+    }
+    times = interleaved(methods, small, warmup_slice(small), args.device, repeats)
+    summary = summarize(times, baseline="forward")
+    result["gradient"] = {
+        "calibration": {"source": "wikipedia", "max_length": seq_len, **describe_batches(small)},
+        "repeats": repeats,
+        "timings": summary,
+        "note": "fisher: per-sample gradients; hutchinson: 8 probes, eager attention; both in "
+        "float32 (no autocast)",
+    }
+    for estimator in ("fisher", "hutchinson"):
+        print(f"  {estimator} / forward = {summary[estimator]['wall']['ratio_paired_median']:.1f}")
+    return result
+
+
+def main() -> None:
+    args = parse_args("allocation_overhead", __doc__.splitlines()[0])
+    torch.manual_seed(0)
+    payload = {
+        "benchmark": "allocation_overhead",
+        "environment": environment(args.device),
+        "config": {
+            "quick": args.quick,
+            "dtype": args.dtype,
+            "avg_rank": AVG_RANK,
+            "sizes": QUICK if args.quick else FULL,
+            "sizes_legend": "(sequences, max length, repeats)",
+        },
+        "models": [bench_model(name, args) for name in args.models],
+    }
+    write_results(args.out, payload)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The activation estimator's fast path against a naive reference: real tokens gathered once per
+batch, and one computation per distinct input for modules that read the same tensor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_bert, tiny_llama, token_batches
+
+from senslora import collect_statistics
+from senslora.estimators import activation
+from senslora.targets import find_target_modules
+
+
+def naive_statistics(model, batches):
+    """2·Σ x_tj² and 2·XᵀX over the real tokens of every target module, by boolean indexing."""
+    modules = find_target_modules(model)
+    sums = {name: 0 for name in modules}
+    grams = {name: 0 for name in modules}
+    mask = {}
+
+    def make_hook(name):
+        def hook(_module, inputs, _output):
+            x = inputs[0][mask["current"]].float()  # (B, T, d_in) -> (real tokens, d_in)
+            sums[name] = sums[name] + 2 * x.square().sum(0)
+            grams[name] = grams[name] + 2 * x.T @ x
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
+    with torch.no_grad():
+        for batch in batches:
+            mask["current"] = batch["attention_mask"].bool()
+            model(**batch)
+    for handle in handles:
+        handle.remove()
+    return sums, grams
+
+
+@pytest.mark.parametrize("make_model", [tiny_bert, tiny_llama])
+def test_fast_path_matches_boolean_indexing(make_model):
+    model = make_model()
+    batches = token_batches(num_batches=3, batch=4, length=9)
+    stats = collect_statistics(model, batches, keep_gram=True)
+    sums, grams = naive_statistics(model, batches)
+    real_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    for name, s in stats.items():
+        assert s.num_tokens == real_tokens
+        torch.testing.assert_close(s.column_values, sums[name])
+        torch.testing.assert_close(s.gram, grams[name])
+
+
+def test_modules_reading_one_input_share_one_computation(monkeypatch):
+    model = tiny_llama()  # per layer: q, k, v read one input, gate and up another
+    calls = []
+    original = activation.input_sums
+
+    def counting(rows, **kwargs):
+        calls.append(rows.shape)
+        return original(rows, **kwargs)
+
+    monkeypatch.setattr(activation, "input_sums", counting)
+    batches = token_batches(num_batches=2, batch=3, length=7)
+    stats = collect_statistics(model, batches)
+    layers = model.config.num_hidden_layers
+    assert len(stats) == 7 * layers
+    assert len(calls) == 4 * layers * len(batches)  # q/k/v, o, gate/up, down
+    prefix = "model.layers.0."
+    for group in (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("mlp.gate_proj", "mlp.up_proj"),
+    ):
+        first = stats[prefix + group[0]].column_values
+        for other in group[1:]:
+            assert torch.equal(stats[prefix + other].column_values, first)
+            assert stats[prefix + other].column_values is not first  # own accumulator
+
+
+def test_unpadded_batches_take_the_rows_as_they_are():
+    model = tiny_bert()
+    batches = token_batches(num_batches=2, batch=3, length=6)
+    for batch in batches:
+        batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
+    stats = collect_statistics(model, batches)
+    sums, _ = naive_statistics(model, batches)
+    for name, s in stats.items():
+        assert s.num_tokens == 2 * 3 * 6
+        torch.testing.assert_close(s.column_values, sums[name])
+
+
+def test_autocast_accumulates_in_float32():
+    model = tiny_llama()
+    batches = token_batches(num_batches=2, batch=3, length=7)
+    exact = collect_statistics(model, batches)
+    low = collect_statistics(model, batches, autocast_dtype=torch.bfloat16)
+    for name, s in low.items():
+        assert s.column_values.dtype == torch.float32
+        torch.testing.assert_close(s.column_values, exact[name].column_values, rtol=0.05, atol=1e-3)
+
+
+def test_model_activations_are_not_modified():
+    """Squaring happens in place only on copies: the model's outputs do not change."""
+    model = tiny_bert()
+    batch = token_batches(num_batches=1, batch=2, length=5)[0]
+    batch["attention_mask"] = torch.ones_like(batch["attention_mask"])  # rows are views
+    with torch.no_grad():
+        before = model(**batch).logits
+    modules = find_target_modules(model)
+    activation.collect_activation_statistics(model, modules, [batch], stop_early=False)
+    outputs = []
+    handle = model.classifier.register_forward_hook(lambda m, i, o: outputs.append(o.clone()))
+    try:
+        activation.collect_activation_statistics(model, modules, [batch], stop_early=False)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(outputs[0], before)

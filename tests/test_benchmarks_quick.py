@@ -1,0 +1,68 @@
+"""Every benchmark's --quick mode runs end to end and writes its JSON (a smoke test: benchmarks
+are not tests, so no timing is asserted here)."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+ENVIRONMENT_KEYS = {"date", "device", "torch", "cpu_count", "torch_threads", "peft"}
+
+
+def run_quick(name: str, out: Path, monkeypatch) -> dict:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setattr(sys, "argv", [name, "--quick", "--out", str(out)])
+    runpy.run_path(str(BENCHMARKS / f"{name}.py"), run_name="__main__")
+    payload = json.loads(out.read_text())
+    assert payload["benchmark"] == name
+    assert payload["config"]["quick"] is True
+    assert ENVIRONMENT_KEYS <= set(payload["environment"])
+    return payload
+
+
+@pytest.mark.real_model
+def test_allocation_overhead_quick(tmp_path, monkeypatch):
+    payload = run_quick("allocation_overhead", tmp_path / "out.json", monkeypatch)
+    for model in payload["models"]:
+        timings = model["activation"]["timings"]
+        assert set(timings) == {"forward", "senslora", "senslora_full_forward"}
+        assert timings["senslora"]["wall"]["ratio_paired_median"] > 0
+        assert set(model["gradient"]["timings"]) == {"forward", "fisher", "hutchinson"}
+
+
+@pytest.mark.real_model
+def test_eva_comparison_quick(tmp_path, monkeypatch):
+    payload = run_quick("eva_comparison", tmp_path / "out.json", monkeypatch)
+    converged = [m["eva_converged"] for m in payload["models"]]
+    assert converged == [True, False]  # tiny-bert runs to convergence, tiny-llama is capped
+    for model in payload["models"]:
+        assert model["senslora_total_rank"] == model["rank_budget"]
+        if model["eva_converged"]:
+            assert model["eva_total_rank"] == model["rank_budget"]
+
+
+@pytest.mark.real_model
+def test_training_cost_quick(tmp_path, monkeypatch):
+    payload = run_quick("training_cost", tmp_path / "out.json", monkeypatch)
+    for model in payload["models"]:
+        methods = model["methods"]
+        assert set(methods) == {"lora", "senslora", "senslora_params", "adalora"}
+        assert methods["senslora"]["total_rank"] == methods["lora"]["total_rank"]
+        assert (
+            methods["senslora_params"]["adapter_parameters"]
+            <= methods["lora"]["adapter_parameters"]
+        )
+        for entry in methods.values():
+            assert entry["median_step_s"] > 0 and "peak_growth_bytes" in entry["memory"]
+
+
+@pytest.mark.real_model
+def test_scaling_quick(tmp_path, monkeypatch):
+    payload = run_quick("scaling", tmp_path / "out.json", monkeypatch)
+    assert payload["calibration_size"]["statistics_bytes_constant"]
+    assert payload["model_size"]["statistics_bytes_equal_4_sum_d_in"]
