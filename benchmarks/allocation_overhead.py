@@ -6,12 +6,15 @@ For each model, on the same calibration batches and interleaved round by round:
 
 - ``forward``: a plain ``torch.inference_mode()`` forward pass of the model over the batches
   (with its head: ``lm_head`` for SmolLM2, pooler + classifier for MiniLM);
+- ``forward_regrouped``: the same forward pass over the batches the activation estimator actually
+  computes (the same sequences regrouped by length, so with less padding);
 - ``senslora``: ``collect_statistics`` (activation estimator) + ``allocate_ranks``, i.e.
   calibration, metrics and ranks, everything a user runs before training;
-- ``senslora_full_forward``: the same without the early stop (the forward runs through the head),
-  to show what the early stop saves.
+- ``senslora_full_forward`` (SmolLM2): the same without the early stop (the forward runs through
+  the head), to show what the early stop saves.
 
-The ratio senslora / forward is the headline (limit 1.0 is "one forward pass"; target <= 1.10).
+The ratio senslora / forward is the headline (limit 1.0 is "one forward pass"; target <= 1.10);
+senslora / forward_regrouped isolates the cost of the hooks, metrics and ranks.
 The gradient estimators are timed on a smaller calibration set, again against a plain forward
 pass over that set: ``fisher`` (per-sample gradients) and ``hutchinson`` (8 Rademacher probes,
 double backward through eager attention).
@@ -20,6 +23,7 @@ double backward through eager attention).
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
 from common import (
@@ -32,29 +36,32 @@ from common import (
     parse_args,
     plain_forward,
     summarize,
+    synchronize,
     warmup_slice,
     write_results,
 )
 
 import senslora
-from senslora.estimators.activation import collect_activation_statistics
+from senslora.estimators.activation import collect_activation_statistics, regroup_by_length
 from senslora.targets import find_target_modules
 
 TARGET = 1.10
 AVG_RANK = 4
 # model -> (sequences, max length, repeats) for the activation estimator; the gradient set
 FULL = {
-    "minilm": {"activation": (32, 256, 9), "gradient": (4, 128, 2)},
-    "smollm2": {"activation": (32, 128, 3), "gradient": (2, 64, 1)},
+    "minilm": {"activation": (32, 256, 5), "gradient": (4, 128, 2)},
+    "smollm2": {"activation": (32, 128, 2), "gradient": (2, 64, 1)},
 }
 QUICK = {"activation": (8, 32, 2), "gradient": (4, 16, 1)}
 
 
-def allocation_fn(model, args, estimator="activation", stop_early=True):
-    """Statistics + metrics + ranks on some batches: what the user pays for an allocation."""
+def allocation_fn(model, args, estimator="activation", stop_early=True, phases=None):
+    """Statistics + metrics + ranks on some batches: what the user pays for an allocation.
+    ``phases`` (a list) receives (statistics seconds, metrics + ranks seconds) of every call."""
     config = senslora.AllocationConfig(avg_rank=AVG_RANK)
 
     def run(batches):
+        start = time.perf_counter()
         if stop_early:
             stats = senslora.collect_statistics(
                 model, batches, estimator=estimator, autocast_dtype=args.autocast_dtype
@@ -64,13 +71,31 @@ def allocation_fn(model, args, estimator="activation", stop_early=True):
             stats = collect_activation_statistics(
                 model, modules, batches, autocast_dtype=args.autocast_dtype, stop_early=False
             )
-        return senslora.allocate_ranks(stats, config)
+        synchronize(args.device)
+        middle = time.perf_counter()
+        allocation = senslora.allocate_ranks(stats, config)
+        if phases is not None:
+            phases.append((middle - start, time.perf_counter() - middle))
+        return allocation
 
     return run
 
 
-def forward_fn(model, args):
+def forward_fn(model, args, regroup=False):
+    """A plain forward pass over the batches (``regroup``: over the batches the activation
+    estimator computes, i.e. the same sequences regrouped by length)."""
+    if regroup:
+        return lambda batches: plain_forward(
+            model, list(regroup_by_length(batches)), args.device, args.autocast_dtype
+        )
     return lambda batches: plain_forward(model, batches, args.device, args.autocast_dtype)
+
+
+def _phase_medians(phases) -> dict[str, float]:
+    return {
+        "statistics_median_s": statistics.median(p[0] for p in phases),
+        "metrics_and_ranks_median_s": statistics.median(p[1] for p in phases),
+    }
 
 
 def head_share(model) -> dict[str, float | int] | None:
@@ -107,43 +132,63 @@ def bench_model(name: str, args) -> dict:
     samples, seq_len, repeats = sizes["activation"]
     batches = calibration(tokenizer, samples, seq_len)
     print(f"{model_name}: activation estimator, {describe_batches(batches)}")
+    phases = []
     methods = {
         "forward": forward_fn(model, args),
-        "senslora": allocation_fn(model, args),
-        "senslora_full_forward": allocation_fn(model, args, stop_early=False),
+        "forward_regrouped": forward_fn(model, args, regroup=True),
+        "senslora": allocation_fn(model, args, phases=phases),
     }
+    if args.quick or name == "smollm2":  # MiniLM's head (pooler + classifier) is negligible
+        methods["senslora_full_forward"] = allocation_fn(model, args, stop_early=False)
     times = interleaved(methods, batches, warmup_slice(batches), args.device, repeats)
     summary = summarize(times, baseline="forward")
     ratio = summary["senslora"]["wall"]["ratio_paired_median"]
-    saving = 1 - statistics.median(
-        a / b for a, b in zip(times["senslora"], times["senslora_full_forward"], strict=True)
+    hooks_ratio = statistics.median(
+        a / b for a, b in zip(times["senslora"], times["forward_regrouped"], strict=True)
     )
+    saving = None
+    if "senslora_full_forward" in times:
+        saving = 1 - statistics.median(
+            a / b for a, b in zip(times["senslora"], times["senslora_full_forward"], strict=True)
+        )
     result["activation"] = {
         "calibration": {"source": "wikipedia", "max_length": seq_len, **describe_batches(batches)},
+        "regrouped_padded_tokens": describe_batches(list(regroup_by_length(batches)))[
+            "padded_tokens"
+        ],
         "repeats": repeats,
         "timings": summary,
+        "phases": _phase_medians(phases[1:]),  # without the warm-up call
         "ratio": ratio,
+        "ratio_vs_regrouped_forward": hooks_ratio,
         "target": TARGET,
         "met": ratio <= TARGET,
         "early_stop_saving": saving,
         "head": head_share(model),
     }
-    print(f"  senslora / forward = {ratio:.3f} (target <= {TARGET}); early stop saves {saving:.1%}")
+    print(
+        f"  senslora / forward = {ratio:.3f} (target <= {TARGET}); / forward over the regrouped "
+        f"batches = {hooks_ratio:.3f}"
+        + ("" if saving is None else f"; early stop saves {saving:.1%}")
+    )
 
     samples, seq_len, repeats = sizes["gradient"]
     small = with_labels(calibration(tokenizer, samples, seq_len, batch_size=4), model)
     print(f"{model_name}: gradient estimators, {describe_batches(small)}")
+    phases = {"fisher": [], "hutchinson": []}
     methods = {
         "forward": forward_fn(model, args),
-        "fisher": allocation_fn(model, args, estimator="fisher"),
-        "hutchinson": allocation_fn(model, args, estimator="hutchinson"),
+        "fisher": allocation_fn(model, args, "fisher", phases=phases["fisher"]),
+        "hutchinson": allocation_fn(model, args, "hutchinson", phases=phases["hutchinson"]),
     }
-    times = interleaved(methods, small, warmup_slice(small), args.device, repeats)
+    # no warm-up call: these take 10-100 forward passes, and a warm-up would double the run
+    times = interleaved(methods, small, None, args.device, repeats)
     summary = summarize(times, baseline="forward")
     result["gradient"] = {
         "calibration": {"source": "wikipedia", "max_length": seq_len, **describe_batches(small)},
         "repeats": repeats,
         "timings": summary,
+        "phases": {k: _phase_medians(v) for k, v in phases.items()},
         "note": "fisher: per-sample gradients; hutchinson: 8 probes, eager attention; both in "
         "float32 (no autocast)",
     }

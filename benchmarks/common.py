@@ -290,11 +290,12 @@ def interleaved(
     log: Callable[[str], None] | None = print,
 ) -> Samples:
     """Seconds per call ``method(data)`` of every method: one warm-up call each on
-    ``warmup_data`` (e.g. one batch), then ``repeats`` rounds of one call each, the order rotating
-    from round to round."""
+    ``warmup_data`` (e.g. one batch; None: no warm-up), then ``repeats`` rounds of one call
+    each, the order rotating from round to round."""
     names = list(methods)
-    for name in names:
-        methods[name](warmup_data)
+    if warmup_data is not None:
+        for name in names:
+            methods[name](warmup_data)
     samples = Samples(names)
     for round_ in range(repeats):
         shift = round_ % len(names)

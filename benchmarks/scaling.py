@@ -3,10 +3,10 @@
     .venv/bin/python benchmarks/scaling.py [--quick] [--device cuda --dtype bfloat16]
 
 1. Calibration set size: MiniLM, 8 -> 512 Wikipedia sequences (max length 128). Time of
-   ``collect_statistics`` + ``allocate_ranks`` (and of a plain forward pass, for reference) per
-   size, sizes interleaved round by round; a least-squares fit time = a + b * tokens with its R^2
-   and log-log slope (1 = linear). Sequences have a fixed maximum length, so attention's
-   quadratic cost in the length does not grow with the set.
+   ``collect_statistics`` + ``allocate_ranks`` per size, sizes interleaved round by round; a
+   least-squares fit time = a + b * tokens with its R^2 and log-log slope (1 = linear), and the
+   bytes of the statistics. Sequences have a fixed maximum length, so attention's quadratic cost
+   in the length does not grow with the set.
 2. Model size: random Llama models of growing width and depth (SmolLM2's proportions), MiniLM and
    SmolLM2-135M, on the same 16 sequences. The bytes held by the ``ModuleStats`` tensors of the
    default estimator, against 4 * sum(d_in) (what it should hold), 4 * sum(d_in * d_out) (the
@@ -27,7 +27,6 @@ from common import (
     linear_fit,
     load_benchmark_model,
     parse_args,
-    plain_forward,
     statistics_bytes,
     summarize,
     tiny_llama,
@@ -36,6 +35,7 @@ from common import (
 )
 
 import senslora
+from senslora.estimators.activation import regroup_by_length
 from senslora.targets import find_target_modules, layer_shape
 
 AVG_RANK = 4
@@ -46,7 +46,7 @@ FULL = {
         "length": 128,
         "batch": 8,
     },
-    "data_repeats": 2,
+    "data_repeats": 1,
     "models": {
         "sequences": 16,
         "length": 128,
@@ -66,10 +66,14 @@ QUICK = {
 }
 
 
-def allocate(model, args):
+def allocate(model, args, last: dict | None = None, key=None):
+    """collect_statistics + allocate_ranks; the statistics of the last call go to last[key]."""
+
     def run(batches):
         stats = senslora.collect_statistics(model, batches, autocast_dtype=args.autocast_dtype)
-        return stats, senslora.allocate_ranks(stats, senslora.AllocationConfig(avg_rank=AVG_RANK))
+        if last is not None:
+            last[key] = stats
+        return senslora.allocate_ranks(stats, senslora.AllocationConfig(avg_rank=AVG_RANK))
 
     return run
 
@@ -77,52 +81,48 @@ def allocate(model, args):
 def data_scaling(sizes: dict, repeats: int, args) -> dict:
     model, tokenizer = load_benchmark_model(sizes["model"], args.device)
     batches = calibration(tokenizer, max(sizes["sequences"]), sizes["length"], sizes["batch"])
-    run = allocate(model, args)
-    methods, sets = {}, {}
+    methods, sets, last = {}, {}, {}
     for count in sizes["sequences"]:
         subset = batches[: count // sizes["batch"]]  # the first `count` sequences
         sets[count] = subset
-        methods[f"senslora_{count}"] = lambda _, s=subset: run(s)
-        methods[f"forward_{count}"] = lambda _, s=subset: plain_forward(
-            model, s, args.device, args.autocast_dtype
-        )
+        run = allocate(model, args, last, count)
+        methods[f"senslora_{count}"] = lambda _, s=subset, run=run: run(s)
     print(f"{sizes['model']}: calibration sets of {sizes['sequences']} sequences")
     times = interleaved(methods, None, warmup_slice(batches), args.device, repeats, log=None)
     summary = summarize(times, baseline=f"senslora_{sizes['sequences'][0]}")
     rows = []
     for count, subset in sets.items():
-        stats, _ = run(subset)
         described = describe_batches(subset)
-        senslora_s = summary[f"senslora_{count}"]["wall"]["median_s"]
-        forward_s = summary[f"forward_{count}"]["wall"]["median_s"]
+        computed = describe_batches(list(regroup_by_length(subset)))["padded_tokens"]
+        seconds = summary[f"senslora_{count}"]["wall"]["median_s"]
         rows.append(
             {
                 **described,
-                "senslora_s": senslora_s,
-                "forward_s": forward_s,
-                "senslora_over_forward": senslora_s / forward_s,
+                "computed_tokens": computed,
+                "senslora_s": seconds,
                 "senslora_cpu_s": summary[f"senslora_{count}"]["cpu"]["median_s"],
-                "statistics_bytes": statistics_bytes(stats),
+                "microseconds_per_real_token": seconds / described["real_tokens"] * 1e6,
+                "statistics_bytes": statistics_bytes(last[count]),
             }
         )
         print(
-            f"  {count:4d} sequences, {described['real_tokens']:6d} tokens: senslora "
-            f"{senslora_s:.3f}s, forward {forward_s:.3f}s, "
-            f"statistics {rows[-1]['statistics_bytes']:,} B"
+            f"  {count:4d} sequences, {described['real_tokens']:6d} tokens "
+            f"({computed} computed): {seconds:.3f}s, statistics {rows[-1]['statistics_bytes']:,} B"
         )
-    fit_real = linear_fit([r["real_tokens"] for r in rows], [r["senslora_s"] for r in rows])
-    fit_padded = linear_fit([r["padded_tokens"] for r in rows], [r["senslora_s"] for r in rows])
+    fit = linear_fit([r["real_tokens"] for r in rows], [r["senslora_s"] for r in rows])
     print(
-        f"  time = {fit_padded['intercept']:.3f} s + {fit_padded['slope'] * 1e6:.1f} us x padded "
-        f"token (R^2 {fit_padded['r2']:.4f}, log-log slope {fit_padded['loglog_slope']:.3f})"
+        f"  time = {fit['intercept']:.3f} s + {fit['slope'] * 1e6:.1f} us x token "
+        f"(R^2 {fit['r2']:.4f}, log-log slope {fit['loglog_slope']:.3f})"
     )
     return {
         "model": sizes["model"],
         "max_length": sizes["length"],
         "repeats": repeats,
         "rows": rows,
-        "fit_seconds_vs_real_tokens": fit_real,
-        "fit_seconds_vs_padded_tokens": fit_padded,
+        "fit_seconds_vs_real_tokens": fit,
+        "fit_seconds_vs_computed_tokens": linear_fit(
+            [r["computed_tokens"] for r in rows], [r["senslora_s"] for r in rows]
+        ),
         "statistics_bytes_constant": len({r["statistics_bytes"] for r in rows}) == 1,
     }
 
@@ -155,9 +155,10 @@ def model_scaling(sizes: dict, args) -> list[dict]:
         else:
             model, tokenizer = load_benchmark_model(kind, args.device)
             batches, label = calibration(tokenizer, sizes["sequences"], sizes["length"]), kind
-        run = allocate(model, args)
+        last = {}
+        run = allocate(model, args, last, "stats")
         times = interleaved({"senslora": run}, batches, warmup_slice(batches), args.device, 1, None)
-        stats, _ = run(batches)
+        stats = last.pop("stats")
         measured = statistics_bytes(stats)
         shapes = geometry(model)
         row = {

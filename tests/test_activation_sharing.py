@@ -114,3 +114,52 @@ def test_model_activations_are_not_modified():
     finally:
         handle.remove()
     torch.testing.assert_close(outputs[0], before)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_regrouping_keeps_every_real_token_and_the_padding_side(side):
+    batches = token_batches(num_batches=3, batch=4, length=9, pad_side=side)
+    regrouped = list(activation.regroup_by_length(batches))
+    assert [b["input_ids"].shape[0] for b in regrouped] == [4, 4, 4]
+    padded = sum(b["input_ids"].numel() for b in regrouped)
+    assert padded < sum(b["input_ids"].numel() for b in batches)
+
+    def real_rows(batch_list):
+        rows = []
+        for b in batch_list:
+            for ids, mask in zip(b["input_ids"], b["attention_mask"], strict=True):
+                rows.append(tuple(ids[mask.bool()].tolist()))
+        return sorted(rows)
+
+    assert real_rows(regrouped) == real_rows(batches)
+    lengths = [int(m.sum()) for b in regrouped for m in b["attention_mask"]]
+    assert lengths == sorted(lengths)  # shortest first
+    for b in regrouped:
+        edge = b["attention_mask"][:, 0 if side == "right" else -1]
+        assert bool(edge.all())  # every row starts (right) or ends (left) with a real token
+
+
+def test_regrouping_passes_other_batches_through_in_order():
+    plain = token_batches(num_batches=2, batch=3, length=5)
+    labelled = token_batches(num_batches=1, batch=3, length=5, labels=True)[0]
+    tuples = (torch.zeros(2, 3),)
+    holes = {
+        "input_ids": torch.ones(1, 3, dtype=torch.long),
+        "attention_mask": torch.tensor([[1, 0, 1]]),
+    }
+    out = list(activation.regroup_by_length([plain[0], labelled, tuples, holes, plain[1]]))
+    assert out[1] is labelled and out[2] is tuples and out[3] is holes
+    assert len(out) == 5
+
+
+def test_regrouped_statistics_equal_the_original_ones():
+    model = tiny_bert()
+    batches = token_batches(num_batches=4, batch=4, length=11)
+    modules = find_target_modules(model)
+    grouped = activation.collect_activation_statistics(model, modules, batches)
+    original = activation.collect_activation_statistics(model, modules, batches, regroup=False)
+    for name in modules:
+        assert grouped[name].num_tokens == original[name].num_tokens
+        torch.testing.assert_close(
+            grouped[name].column_values, original[name].column_values, rtol=1e-4, atol=1e-5
+        )

@@ -112,7 +112,9 @@ def test_nan_activations_name_the_module_and_suggest_float32(model_dir, calib, t
     nan_dir = tmp_path / "nan-model"
     model_with_tokenizer = type(model).from_pretrained(model_dir)
     with torch.no_grad():
-        model_with_tokenizer.bert.encoder.layer[1].attention.self.query.weight.fill_(float("inf"))
+        # +inf through the intermediate layer: layer 1's output.dense receives +inf inputs
+        # (an inf query weight alone is absorbed by some SDPA kernels)
+        model_with_tokenizer.bert.encoder.layer[1].intermediate.dense.weight.fill_(float("inf"))
     model_with_tokenizer.save_pretrained(nan_dir)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
         if (model_dir / name).exists():

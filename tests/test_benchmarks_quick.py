@@ -30,7 +30,12 @@ def test_allocation_overhead_quick(tmp_path, monkeypatch):
     payload = run_quick("allocation_overhead", tmp_path / "out.json", monkeypatch)
     for model in payload["models"]:
         timings = model["activation"]["timings"]
-        assert set(timings) == {"forward", "senslora", "senslora_full_forward"}
+        assert set(timings) == {
+            "forward",
+            "forward_regrouped",
+            "senslora",
+            "senslora_full_forward",
+        }
         assert timings["senslora"]["wall"]["ratio_paired_median"] > 0
         assert set(model["gradient"]["timings"]) == {"forward", "fisher", "hutchinson"}
 

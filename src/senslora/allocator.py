@@ -89,18 +89,20 @@ def module_metrics(
         values, multiplicity = s.spectrum("diagonal")
         values = metrics.make_nonnegative(values, config.negative)
         k = metrics.top_k_count(s.num_entries, config.top_k_fraction)
+        alpha = config.effective_rank_threshold
         if config.spectrum == "eigenvalues":
             er_values, er_multiplicity = s.spectrum("eigenvalues")
-        else:
-            er_values, er_multiplicity = values, multiplicity
+            trace = metrics.trace(values, multiplicity)
+            top_k_mean = metrics.top_k_mean(values, multiplicity, k=k)
+            effective_rank = metrics.effective_rank(er_values, er_multiplicity, alpha=alpha)
+        else:  # one validation and one sort per matrix
+            trace, top_k_mean, effective_rank = metrics.spectrum_metrics(
+                values, multiplicity, k=k, alpha=alpha
+            )
         table[name] = {
-            "trace": metrics.trace(values, multiplicity),
-            "top_k_mean": metrics.top_k_mean(values, multiplicity, k=k),
-            "effective_rank": float(
-                metrics.effective_rank(
-                    er_values, er_multiplicity, alpha=config.effective_rank_threshold
-                )
-            ),
+            "trace": trace,
+            "top_k_mean": top_k_mean,
+            "effective_rank": float(effective_rank),
         }
     return table
 

@@ -40,6 +40,7 @@ __all__ = [
     "effective_rank",
     "make_nonnegative",
     "sensitivity_scores",
+    "spectrum_metrics",
     "top_k_count",
     "top_k_mean",
     "trace",
@@ -140,6 +141,10 @@ def top_k_mean(values, multiplicity: int = 1, *, k: int) -> float:
     :func:`top_k_count`.
     """
     ordered, multiplicity = _sorted_descending(values, multiplicity)
+    return _top_k_mean_of_sorted(ordered, multiplicity, k)
+
+
+def _top_k_mean_of_sorted(ordered: torch.Tensor, multiplicity: int, k: int) -> float:
     k = operator.index(k)
     num_entries = ordered.numel() * multiplicity
     if not 1 <= k <= num_entries:
@@ -167,6 +172,10 @@ def effective_rank(values, multiplicity: int = 1, alpha: float = 0.85) -> int:
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
     ordered, multiplicity = _sorted_descending(values, multiplicity)
+    return _effective_rank_of_sorted(ordered, multiplicity, alpha)
+
+
+def _effective_rank_of_sorted(ordered: torch.Tensor, multiplicity: int, alpha: float) -> int:
     if ordered.numel() == 0 or float(ordered[0]) == 0.0:
         return 0
     block_ends = torch.cumsum(multiplicity * ordered, dim=0)  # cumulative sum after each block
@@ -182,6 +191,27 @@ def effective_rank(values, multiplicity: int = 1, alpha: float = 0.85) -> int:
     while copies < multiplicity and before + copies * value < threshold:
         copies += 1
     return block * multiplicity + copies
+
+
+def spectrum_metrics(
+    values, multiplicity: int = 1, *, k: int, alpha: float = 0.85
+) -> tuple[float, float, int]:
+    """``(trace, top_k_mean, effective_rank)`` of one matrix, validating and sorting once.
+
+    The same numbers, bit for bit, as :func:`trace`, :func:`top_k_mean` and
+    :func:`effective_rank` called one by one, which validate the entries three times and sort them
+    twice: for a full Hessian diagonal (gradient estimators, ``d_out * d_in`` entries per matrix)
+    the sorting is most of the cost of the metrics.
+    """
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    ordered, multiplicity = _sorted_descending(values, multiplicity)
+    total = multiplicity * float(_as_float64(values).sum())  # as trace(): unsorted order
+    return (
+        total,
+        _top_k_mean_of_sorted(ordered, multiplicity, k),
+        _effective_rank_of_sorted(ordered, multiplicity, alpha),
+    )
 
 
 def make_nonnegative(values: torch.Tensor, mode: str = "abs") -> torch.Tensor:
