@@ -130,6 +130,7 @@ def bench_model(name: str, args) -> dict:
     result = {"model": model_name, "targets": len(find_target_modules(model))}
 
     samples, seq_len, repeats = sizes["activation"]
+    repeats *= args.repeat_factor
     batches = calibration(tokenizer, samples, seq_len)
     print(f"{model_name}: activation estimator, {describe_batches(batches)}")
     phases = []
@@ -173,6 +174,7 @@ def bench_model(name: str, args) -> dict:
     )
 
     samples, seq_len, repeats = sizes["gradient"]
+    repeats *= args.repeat_factor
     small = with_labels(calibration(tokenizer, samples, seq_len, batch_size=4), model)
     print(f"{model_name}: gradient estimators, {describe_batches(small)}")
     phases = {"fisher": [], "hutchinson": []}
@@ -205,6 +207,7 @@ def main() -> None:
         "environment": environment(args.device),
         "config": {
             "quick": args.quick,
+            "repeat_factor": args.repeat_factor,
             "dtype": args.dtype,
             "avg_rank": AVG_RANK,
             "sizes": QUICK if args.quick else FULL,

@@ -25,6 +25,12 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUICK_MODELS = {"minilm": "tiny-bert", "smollm2": "tiny-llama"}
+RANDOM_WEIGHTS_VARIABLE = "SENSLORA_BENCH_RANDOM_WEIGHTS"
+
+
+def random_weights() -> bool:
+    """Whether ``--random-weights`` is in force (in this process or the one that started it)."""
+    return os.environ.get(RANDOM_WEIGHTS_VARIABLE) == "1"
 
 
 def parse_args(name: str, description: str, add_arguments: Callable | None = None):
@@ -56,6 +62,18 @@ def parse_args(name: str, description: str, add_arguments: Callable | None = Non
         help="comma-separated subset of minilm,smollm2 (tiny stand-ins with --quick)",
     )
     parser.add_argument(
+        "--repeat-factor",
+        type=int,
+        default=1,
+        help="multiply the repeats and timed steps (e.g. 10 on a GPU, where they are cheap)",
+    )
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="build minilm/smollm2 from their config.json with random weights (same architecture, "
+        "shapes and cost; for a machine without the weight files); recorded in the results",
+    )
+    parser.add_argument(
         "--out", type=Path, default=None, help=f"results JSON (default results/{name}.json)"
     )
     if add_arguments is not None:
@@ -68,6 +86,10 @@ def parse_args(name: str, description: str, add_arguments: Callable | None = Non
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not args.models or not set(args.models) <= set(QUICK_MODELS):
         parser.error(f"--models takes names among {sorted(QUICK_MODELS)}, got {args.models}")
+    if args.repeat_factor < 1:
+        parser.error(f"--repeat-factor must be at least 1, got {args.repeat_factor}")
+    if args.random_weights:  # an environment variable, so that worker processes inherit it
+        os.environ[RANDOM_WEIGHTS_VARIABLE] = "1"
     args.device = resolve_device(args.device)
     args.autocast_dtype = DTYPES[args.dtype]
     return args
@@ -99,6 +121,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "transformers": transformers.__version__,
         "peft": peft.__version__,
         "commit": _git_commit(),
+        "random_weights": random_weights(),
     }
     if device.type == "cuda":
         info["cuda"] = torch.version.cuda
@@ -158,6 +181,8 @@ def load_benchmark_model(name: str, device: torch.device):
 
     if name in ("minilm", "smollm2"):
         path = str(builtin_model_path(name))
+        if random_weights():
+            return _random_model(path, device), load_tokenizer(path)
         return load_model(path, device=str(device)), load_tokenizer(path)
     if name == "tiny-bert":
         tokenizer = load_tokenizer(str(builtin_model_path("minilm")))
@@ -166,6 +191,22 @@ def load_benchmark_model(name: str, device: torch.device):
         tokenizer = load_tokenizer(str(builtin_model_path("smollm2")))
         return tiny_llama(len(tokenizer)).to(device).eval(), tokenizer
     raise ValueError(f"unknown benchmark model {name!r}")
+
+
+def _random_model(path: str, device: torch.device):
+    """The model of ``path``'s config.json with random weights (seed 0), float32, eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from senslora.models import infer_task
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(path)
+    if infer_task(path) == "causal-lm":
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    else:
+        config.num_labels = 2
+        model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    return model.to(device).eval()
 
 
 def tiny_bert(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0):

@@ -131,7 +131,7 @@ def bench_model(name: str, args) -> dict:
         "senslora": lambda: run_senslora(model, names, batches, args),
         "eva": lambda: run_eva(model, names, batches, cap, args),
     }
-    for round_ in range(sizes["repeats"]):
+    for round_ in range(sizes["repeats"] * args.repeat_factor):
         order = ["senslora", "eva"] if round_ % 2 == 0 else ["eva", "senslora"]
         for method in order:
             synchronize(args.device)
@@ -156,7 +156,7 @@ def bench_model(name: str, args) -> dict:
             **describe_batches(batches),
         },
         "rank_budget": AVG_RANK * len(names),
-        "repeats": sizes["repeats"],
+        "repeats": sizes["repeats"] * args.repeat_factor,
         "timings": summary,
         "eva_over_senslora": speedup,
         "target": TARGET,
@@ -224,6 +224,7 @@ def main() -> None:
         "environment": environment(args.device),
         "config": {
             "quick": args.quick,
+            "repeat_factor": args.repeat_factor,
             "dtype": args.dtype,
             "avg_rank": AVG_RANK,
             "eva_config": {"rho": 2.0, "tau": 0.99, "peft": peft.__version__},

@@ -187,13 +187,19 @@ def main() -> None:
     args = parse_args("scaling", __doc__.splitlines()[0])
     torch.manual_seed(0)
     sizes = QUICK if args.quick else FULL
-    data = data_scaling(sizes["data"], sizes["data_repeats"], args)
+    data = data_scaling(sizes["data"], sizes["data_repeats"] * args.repeat_factor, args)
     print("model sizes:")
     models = model_scaling(sizes["models"], args)
     payload = {
         "benchmark": "scaling",
         "environment": environment(args.device),
-        "config": {"quick": args.quick, "dtype": args.dtype, "avg_rank": AVG_RANK, "sizes": sizes},
+        "config": {
+            "quick": args.quick,
+            "repeat_factor": args.repeat_factor,
+            "dtype": args.dtype,
+            "avg_rank": AVG_RANK,
+            "sizes": sizes,
+        },
         "calibration_size": data,
         "model_size": {
             "rows": models,

@@ -298,7 +298,8 @@ def _collect(process: subprocess.Popen, results: dict[str, dict]) -> None:
 def time_model(name: str, args, folder: Path) -> tuple[dict, dict]:
     """Step times of every method on one model; the memory job of that model."""
     model_name = QUICK_MODELS[name] if args.quick else name
-    sizes = QUICK if args.quick else FULL[name]
+    sizes = dict(QUICK if args.quick else FULL[name])
+    sizes["steps"] *= args.repeat_factor
     model, tokenizer = load_benchmark_model(model_name, args.device)
     task = task_type(model)
     names = list(find_target_modules(model))
@@ -398,6 +399,7 @@ def main() -> None:
         "environment": environment(args.device),
         "config": {
             "quick": args.quick,
+            "repeat_factor": args.repeat_factor,
             "dtype": args.dtype,
             "avg_rank": AVG_RANK,
             "lora_alpha": ALPHA,

@@ -155,6 +155,28 @@ device = "cpu"
     assert "Paired difference" in (bench.out / "results.md").read_text()
 
 
+def test_bench_counts_the_hypernetwork_as_adapter_parameters():
+    from senslora.bench import adapter_parameters, aggregate
+
+    def result(method, seed, params):
+        return {
+            "method": method,
+            "task": "t",
+            "config": {"seed": seed},
+            "main_metric": "accuracy",
+            "last": {"accuracy": 0.5},
+            "best": {"accuracy": 0.5},
+            "parameters": params,
+        }
+
+    lora = result("lora", 0, {"lora": 100})
+    hyper = result("hyperadalora", 0, {"lora": 0, "hypernetwork": 250})
+    assert adapter_parameters(lora) == 100 and adapter_parameters(hyper) == 250
+    table = aggregate([lora, hyper], ["lora", "hyperadalora"], ["t"])["table"]
+    assert table["hyperadalora"]["t"]["params"] == 250
+    assert table["lora"]["t"]["params"] == 100
+
+
 @pytest.mark.real_model
 def test_demo_quick_runs_end_to_end(tmp_path):
     from typer.testing import CliRunner

@@ -136,6 +136,13 @@ def score(result: dict[str, Any], selection: str) -> float:
     return 100.0 * float(row[result["main_metric"]])
 
 
+def adapter_parameters(result: dict[str, Any]) -> int:
+    """Trainable adapter parameters of a run: the LoRA factors, plus the hypernetwork that
+    generates them for hyperadalora (the classification head, the same for all, excluded)."""
+    parameters = result["parameters"]
+    return int(parameters["lora"]) + int(parameters.get("hypernetwork", 0))
+
+
 def aggregate(results: list[dict[str, Any]], methods, tasks, selection="last") -> dict[str, Any]:
     """Mean ± std over seeds per method and task, the average over tasks, and each method's
     paired (same seed) difference to ``lora``."""
@@ -147,7 +154,7 @@ def aggregate(results: list[dict[str, Any]], methods, tasks, selection="last") -
             runs = [r for (m, t, _), r in by.items() if m == method and t == task]
             values = [score(r, selection) for r in runs]
             row[task] = _summary(values)
-            row[task]["params"] = runs[0]["parameters"]["lora"] if runs else None
+            row[task]["params"] = adapter_parameters(runs[0]) if runs else None
             if method != "lora":
                 diffs = [
                     score(r, selection) - score(by[("lora", task, s)], selection)
@@ -173,7 +180,7 @@ def _summary(values: list[float]) -> dict[str, Any]:
 
 def render_markdown(summary: dict[str, Any]) -> str:
     tasks, table = summary["tasks"], summary["table"]
-    head = "| method | " + " | ".join(tasks) + " | Avg. | LoRA params |"
+    head = "| method | " + " | ".join(tasks) + " | Avg. | adapter params |"
     lines = [
         f"Dev metric ({summary['selection']} epoch), mean ± std over seeds (n = seeds).",
         "",

@@ -113,8 +113,10 @@ METHODS = (
     "senslora-local",
     "senslora-pra",
     "adalora",
+    "hyperadalora",
     "eva",
 )
+HYPERADALORA_INITS = ("uniform", "senslora")
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,8 @@ class TrainConfig:
     they fit a CPU: AdamW, lr 5e-4, batch 32, average rank 4; fewer epochs than the paper's 10."""
 
     method: str = "senslora"
-    """lora | senslora | senslora-global | senslora-local | senslora-pra | adalora | eva."""
+    """lora | senslora | senslora-global | senslora-local | senslora-pra | adalora |
+    hyperadalora | eva."""
     task: str = "glue:rte"
     """Task spec: glue:<task>, rotten_tomatoes, csv:PATH, jsonl:PATH, gen:PATH, wikipedia_lead."""
     model: str | None = None
@@ -156,7 +159,18 @@ class TrainConfig:
     calib_seq_len: int = 128
     estimator: str = "activation"
     adalora_init_rank: int | None = None
-    """AdaLoRA's initial rank; None: 1.5 x avg_rank (it prunes down to avg_rank on average)."""
+    """AdaLoRA's initial rank; None: 1.5 x avg_rank (it prunes down to avg_rank on average).
+    HyperAdaLoRA's too (its init factor is adalora_init_rank / avg_rank)."""
+    hyperadalora_init: str = "uniform"
+    """HyperAdaLoRA's initial ranks: 'uniform' (AdaLoRA's initial rank everywhere) or
+    'senslora' (the senslora allocation times the init factor; same target budget)."""
+    hyperadalora_width: int = 32
+    """Width of HyperAdaLoRA's hypernetwork tokens (a multiple of 4, its attention heads)."""
+    hyperadalora_residual: bool = True
+    """Add a free per-module residual to the generated P and Q (lambda stays generated)."""
+    eval_steps: int = 0
+    """0: evaluate every epoch; N > 0: every N optimizer steps and at the end (results.json
+    'evals' holds every evaluation with its step; train losses are then logged every N steps)."""
     eva_rho: float = 2.0
     """EVA's rank redistribution factor (max rank = rho x avg_rank)."""
     max_new_tokens: int = 48
@@ -176,6 +190,7 @@ class TrainConfig:
             "calib_samples",
             "calib_seq_len",
             "max_new_tokens",
+            "hyperadalora_width",
         ):
             _positive_int(name, getattr(self, name))
         for name in ("train_limit", "dev_limit", "adalora_init_rank"):
@@ -187,6 +202,23 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.hyperadalora_init not in HYPERADALORA_INITS:
+            raise ValueError(
+                f"hyperadalora_init must be one of {HYPERADALORA_INITS}, "
+                f"got {self.hyperadalora_init!r}"
+            )
+        if self.hyperadalora_width % 4:
+            raise ValueError(
+                f"hyperadalora_width must be a multiple of 4, got {self.hyperadalora_width}"
+            )
+        if not isinstance(self.hyperadalora_residual, bool):
+            raise ValueError(
+                f"hyperadalora_residual must be a bool, got {self.hyperadalora_residual!r}"
+            )
+        if not isinstance(self.eval_steps, int) or isinstance(self.eval_steps, bool):
+            raise ValueError(f"eval_steps must be an integer >= 0, got {self.eval_steps!r}")
+        if self.eval_steps < 0:
+            raise ValueError(f"eval_steps must be an integer >= 0, got {self.eval_steps!r}")
         if self.eva_rho < 1.0:
             raise ValueError(f"eva_rho must be >= 1, got {self.eva_rho}")
 

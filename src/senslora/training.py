@@ -22,6 +22,7 @@ from transformers import (
     DataCollatorForSeq2Seq,
     DataCollatorWithPadding,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     set_seed,
 )
@@ -32,6 +33,7 @@ from senslora.data import CalibrationConfig, calibration_batches
 from senslora.encoding import encode_classification, encode_generation, pad_left, prompt_ids
 from senslora.evaluation import classification_metrics, generation_metrics
 from senslora.files import write_text_atomic
+from senslora.hyperadalora import HyperAdaLoraCallback, find_controller, materialise
 from senslora.methods import (
     AdaLoraCallback,
     adalora_ranks,
@@ -155,7 +157,11 @@ def run_training(
     peft_model = prepared.model
 
     args = _training_arguments(config, out_dir / "checkpoints", steps_per_epoch, progress)
-    callbacks = [AdaLoraCallback()] if config.method == "adalora" else []
+    callbacks = {"adalora": [AdaLoraCallback()], "hyperadalora": [HyperAdaLoraCallback()]}.get(
+        config.method, []
+    )
+    if config.eval_steps:
+        callbacks.append(EvaluateAtEnd())
     common = dict(
         model=peft_model,
         args=args,
@@ -185,16 +191,37 @@ def run_training(
     timings = {"wall": time.perf_counter() - start, "train": train_seconds}
     results = _results(config, task, trainer, prepared, model_path, timings, resume)
     if trainer.is_world_process_zero():
+        if config.method == "hyperadalora":
+            materialise(peft_model)  # a plain LoRA adapter of the kept components
         peft_model.save_pretrained(out_dir / "adapter")
         write_text_atomic(out_dir / RESULTS, json.dumps(results, indent=2) + "\n")
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     return results
 
 
+class EvaluateAtEnd(TrainerCallback):
+    """With step-wise evaluation, also evaluate after the last step."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == state.max_steps:
+            control.should_evaluate = True
+        return control
+
+
 def _training_arguments(
     config: TrainConfig, output_dir: Path, steps_per_epoch: int, progress: bool
 ) -> TrainingArguments:
+    """Per-epoch evaluation and logging, or every ``eval_steps``; no checkpoints for
+    hyperadalora (its hypernetwork is not part of a peft checkpoint: a rerun restarts)."""
     device = resolve_device(config.device)
+    schedule = {"eval_strategy": "epoch", "logging_strategy": "epoch"}
+    if config.eval_steps:
+        schedule = {
+            "eval_strategy": "steps",
+            "eval_steps": config.eval_steps,
+            "logging_strategy": "steps",
+            "logging_steps": config.eval_steps,
+        }
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=config.batch_size,
@@ -205,10 +232,9 @@ def _training_arguments(
         weight_decay=config.weight_decay,
         lr_scheduler_type="linear",
         optim="adamw_torch",
-        eval_strategy="epoch",
-        save_strategy="epoch",
+        **schedule,
+        save_strategy="no" if config.method == "hyperadalora" else "epoch",
         save_total_limit=1,
-        logging_strategy="epoch",
         seed=config.seed,
         data_seed=config.seed,
         report_to=[],
@@ -249,18 +275,30 @@ def _classification_scores(task, prediction) -> dict[str, float]:
     return classification_metrics(task, predictions, prediction.label_ids)
 
 
+def _evaluations(log_history: list[dict]) -> list[dict[str, float]]:
+    """Every evaluation with its optimizer step (convergence curves): step, epoch, metrics."""
+    entries, rows = _eval_entries(log_history), _epoch_metrics(log_history)
+    return [{"step": int(e.get("step", 0)), **row} for e, row in zip(entries, rows, strict=True)]
+
+
+def _eval_entries(log_history: list[dict]) -> list[dict]:
+    return [entry for entry in log_history if _scores(entry)]
+
+
+def _scores(entry: dict) -> dict[str, float]:
+    return {
+        k[len("eval_") :]: v
+        for k, v in entry.items()
+        if k.startswith("eval_")
+        and not k.endswith(("runtime", "per_second", "loss", "steps_per_second"))
+    }
+
+
 def _epoch_metrics(log_history: list[dict]) -> list[dict[str, float]]:
     """One entry per evaluation: the epoch and every eval_* metric (not runtime figures)."""
     rows = []
-    for entry in log_history:
-        scores = {
-            k[len("eval_") :]: v
-            for k, v in entry.items()
-            if k.startswith("eval_")
-            and not k.endswith(("runtime", "per_second", "loss", "steps_per_second"))
-        }
-        if scores:
-            rows.append({"epoch": round(float(entry.get("epoch", 0.0)), 3), **scores})
+    for entry in _eval_entries(log_history):
+        rows.append({"epoch": round(float(entry.get("epoch", 0.0)), 3), **_scores(entry)})
     return rows
 
 
@@ -273,6 +311,8 @@ def _results(config, task, trainer, prepared, model_path, timings, resumed) -> d
         ranks = prepared.allocation.ranks
     elif config.method == "adalora":
         ranks = adalora_ranks(peft_model)
+    elif config.method == "hyperadalora":
+        ranks = find_controller(peft_model).ranks()
     else:
         ranks = prepared.notes.get("eva_ranks")
     shapes = {
@@ -296,9 +336,12 @@ def _results(config, task, trainer, prepared, model_path, timings, resumed) -> d
                 if p.requires_grad and "lora_" in n
             ),
             "final_lora": sum(r * sum(shapes.get(n, (0, 0))) for n, r in (ranks or {}).items()),
+            "hypernetwork": prepared.notes.get("hypernetwork_parameters", 0),
         },
+        "init_ranks": prepared.notes.get("init_ranks"),
         "ranks": ranks,
         "epochs": epochs,
+        "evals": _evaluations(trainer.state.log_history),
         "train_losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
         "best": best,
         "last": epochs[-1] if epochs else None,
