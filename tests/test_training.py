@@ -189,3 +189,25 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "| lora |" in report and "| senslora |" in report
     assert (tmp_path / "ranks.png").exists()
+
+
+def test_train_command_takes_the_hyperadalora_options(folders, tmp_path):
+    from typer.testing import CliRunner
+
+    from senslora.cli import app
+
+    out = tmp_path / "run"
+    args = ["train", "--method", "hyperadalora", "--hyperadalora-init", "senslora"]
+    args += ["--eval-steps", "3", "--task", f"csv:{folders / 'sentiment.csv'}"]
+    args += ["--model", str(folders / "bert"), "--avg-rank", "2", "--epochs", "2"]
+    args += ["--batch-size", "16", "--calib-samples", "8", "--calib-seq-len", "16"]
+    args += ["--device", "cpu", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["config"]["hyperadalora_init"] == "senslora"
+    assert [e["step"] for e in saved["evals"]] == [3, 6, 9, 12]
+    printed = " ".join(result.output.split())  # rich wraps long lines
+    assert f"{saved['parameters']['hypernetwork']:,} adapter parameters" in printed
+    bad = CliRunner().invoke(app, [*args[:4], "sometimes", *args[5:-1], str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "hyperadalora_init must be one of" in " ".join(bad.output.split())

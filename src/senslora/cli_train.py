@@ -39,12 +39,19 @@ def train(
     ),
     calib_samples: int = typer.Option(128, help="Calibration sequences (senslora methods)."),
     calib_seq_len: int = typer.Option(128, help="Max tokens per calibration sequence."),
+    eval_steps: int = typer.Option(
+        0, help="Evaluate every N optimizer steps (0: every epoch); all go to results.json."
+    ),
+    hyperadalora_init: str = typer.Option(
+        "uniform", help="hyperadalora's initial ranks: uniform | senslora (from sensitivity)."
+    ),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
     out: Path = typer.Option(..., help="Run folder: results.json, adapter/, allocation.json."),
     overwrite: bool = typer.Option(False, help="Redo a finished run."),
 ) -> None:
-    """Fine-tune one method on one task and evaluate every epoch."""
+    """Fine-tune one method on one task and evaluate every epoch (or every --eval-steps)."""
+    from senslora.bench import adapter_parameters
     from senslora.training import run_training
 
     try:
@@ -56,7 +63,7 @@ def train(
     console.print(
         f"{results['method']} on {results['task']}: {main} last {100 * results['last'][main]:.2f}"
         f", best {100 * results['best'][main]:.2f} (epoch {results['best']['epoch']:g}); "
-        f"{results['parameters']['lora']:,} LoRA parameters; {results['train_seconds']:.0f} s"
+        f"{adapter_parameters(results):,} adapter parameters; {results['train_seconds']:.0f} s"
     )
 
 
