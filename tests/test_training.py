@@ -84,6 +84,15 @@ def test_senslora_keeps_the_rank_budget_of_lora(folders, tmp_path):
     assert (tmp_path / "senslora" / "allocation.json").exists()
 
 
+def test_senslora_max_rank_caps_every_matrix(folders, tmp_path):
+    uncapped = train(folders, tmp_path / "free", method="senslora", epochs=1)["ranks"]
+    assert max(uncapped.values()) > 2  # the cap below binds
+    capped = train(folders, tmp_path / "capped", method="senslora", epochs=1, max_rank=2)
+    assert max(capped["ranks"].values()) <= 2
+    assert sum(capped["ranks"].values()) == sum(uncapped.values())  # the surplus moves elsewhere
+    assert capped["config"]["max_rank"] == 2
+
+
 def test_adalora_budget_really_shrinks(folders, tmp_path):
     results = train(folders, tmp_path, method="adalora", epochs=6)
     ranks = results["ranks"]

@@ -158,6 +158,8 @@ class TrainConfig:
     calib_samples: int = 128
     calib_seq_len: int = 128
     estimator: str = "activation"
+    max_rank: int | None = None
+    """senslora methods: cap on the rank of any one matrix (None: min(d_in, d_out))."""
     adalora_init_rank: int | None = None
     """AdaLoRA's initial rank; None: 1.5 x avg_rank (it prunes down to avg_rank on average).
     HyperAdaLoRA's too (its init factor is adalora_init_rank / avg_rank)."""
@@ -193,7 +195,7 @@ class TrainConfig:
             "hyperadalora_width",
         ):
             _positive_int(name, getattr(self, name))
-        for name in ("train_limit", "dev_limit", "adalora_init_rank"):
+        for name in ("train_limit", "dev_limit", "adalora_init_rank", "max_rank"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
         if not self.learning_rate > 0:

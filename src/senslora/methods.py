@@ -115,7 +115,9 @@ def _senslora_allocation(model, config: TrainConfig, names, calibration_batches,
     stats = collect_statistics(
         model, calibration_batches(), estimator=config.estimator, targets=names
     )
-    alloc_config = AllocationConfig(avg_rank=config.avg_rank, **SENSLORA_VARIANTS[variant])
+    alloc_config = AllocationConfig(
+        avg_rank=config.avg_rank, max_rank=config.max_rank, **SENSLORA_VARIANTS[variant]
+    )
     return allocate_ranks(stats, alloc_config, provenance={"calib": config.calib})
 
 
