@@ -93,6 +93,15 @@ def test_senslora_max_rank_caps_every_matrix(folders, tmp_path):
     assert capped["config"]["max_rank"] == 2
 
 
+def test_senslora_parameter_budget_stays_within_lora_parameters(folders, tmp_path):
+    lora = train(folders, tmp_path / "lora", method="lora", epochs=1)
+    matched = train(folders, tmp_path / "params", method="senslora", epochs=1, budget="parameters")
+    assert matched["parameters"]["lora"] <= lora["parameters"]["lora"]
+    assert matched["config"]["budget"] == "parameters"
+    saved = json.loads((tmp_path / "params" / "senslora" / "allocation.json").read_text())
+    assert saved["config"]["budget"] == "parameters"
+
+
 def test_adalora_budget_really_shrinks(folders, tmp_path):
     results = train(folders, tmp_path, method="adalora", epochs=6)
     ranks = results["ranks"]

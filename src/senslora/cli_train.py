@@ -40,6 +40,9 @@ def train(
     calib_samples: int = typer.Option(128, help="Calibration sequences (senslora methods)."),
     calib_seq_len: int = typer.Option(128, help="Max tokens per calibration sequence."),
     max_rank: int = typer.Option(None, help="senslora: cap on the rank of any one matrix."),
+    budget: str = typer.Option(
+        "rank", help="senslora: rank (LoRA's total rank) | parameters (LoRA's parameter count)."
+    ),
     eval_steps: int = typer.Option(
         0, help="Evaluate every N optimizer steps (0: every epoch); all go to results.json."
     ),

@@ -160,6 +160,9 @@ class TrainConfig:
     estimator: str = "activation"
     max_rank: int | None = None
     """senslora methods: cap on the rank of any one matrix (None: min(d_in, d_out))."""
+    budget: str = "rank"
+    """senslora methods: 'rank' (the total rank of uniform LoRA) or 'parameters' (at most uniform
+    LoRA's parameter count)."""
     adalora_init_rank: int | None = None
     """AdaLoRA's initial rank; None: 1.5 x avg_rank (it prunes down to avg_rank on average).
     HyperAdaLoRA's too (its init factor is adalora_init_rank / avg_rank)."""
@@ -200,6 +203,8 @@ class TrainConfig:
                 _positive_int(name, getattr(self, name))
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0.0 <= self.lora_dropout < 1.0:

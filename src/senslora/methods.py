@@ -116,7 +116,10 @@ def _senslora_allocation(model, config: TrainConfig, names, calibration_batches,
         model, calibration_batches(), estimator=config.estimator, targets=names
     )
     alloc_config = AllocationConfig(
-        avg_rank=config.avg_rank, max_rank=config.max_rank, **SENSLORA_VARIANTS[variant]
+        avg_rank=config.avg_rank,
+        max_rank=config.max_rank,
+        budget=config.budget,
+        **SENSLORA_VARIANTS[variant],
     )
     return allocate_ranks(stats, alloc_config, provenance={"calib": config.calib})
 
