@@ -25,6 +25,8 @@ from senslora.tasks.generation import LEAD_INSTRUCTION, split_first_sentence
 
 FIXTURES = Path(__file__).parent / "fixtures" / "glue"
 REAL_GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+REAL_TASKS = ("cola", "sst2", "mrpc", "rte")
+"""Tasks read from ../shared/data/glue; the fixtures hold only the formats it has no data for."""
 
 # ---------------------------------------------------------------------------------------
 # Real GLUE files (../shared/data/glue), skipped where absent
@@ -54,30 +56,54 @@ def test_real_glue_files_parse_completely(task, n_train, n_dev, positive_share):
     assert all((example.text_b is None) == (task in ("sst2", "cola")) for example in loaded.train)
 
 
+@pytest.mark.skipif(not REAL_GLUE.is_dir(), reason="real GLUE data not present")
+@pytest.mark.parametrize(
+    ("spec", "main_metric", "first"),
+    [
+        (
+            "glue:cola",
+            "matthews",
+            Example(
+                "Our friends won't buy this analysis, let alone the next one we propose.", None, 1
+            ),
+        ),
+        ("glue:SST-2", "accuracy", Example("hide new secretions from the parental units", None, 0)),
+        (
+            "glue:mrpc",
+            "accuracy",
+            Example(
+                'Amrozi accused his brother , whom he called " the witness " , of deliberately '
+                "distorting his evidence .",
+                'Referring to him as only " the witness " , Amrozi accused his brother of '
+                "deliberately distorting his evidence .",
+                1,
+            ),
+        ),
+        (
+            "GLUE:RTE",
+            "accuracy",
+            Example(
+                "No Weapons of Mass Destruction Found in Iraq Yet.",
+                "Weapons of Mass Destruction Found in Iraq.",
+                1,
+            ),
+        ),
+    ],
+)
+def test_real_glue_tasks(spec, main_metric, first):
+    task = load_task(spec, glue_dir=REAL_GLUE)
+    assert task.name == "glue:" + spec.split(":")[1].lower().replace("-", "")
+    assert task.num_labels == 2 and task.main_metric == main_metric
+    assert task.train[0] == first  # CoLA has no header: its first line is an example
+
+
 # ---------------------------------------------------------------------------------------
-# GLUE fixtures: every task, exact header lines of the real files
+# GLUE fixtures for the tasks without data in ../shared: exact header lines of the real files
 
 
 @pytest.mark.parametrize(
     ("spec", "num_labels", "main_metric", "first"),
     [
-        (
-            "glue:cola",
-            2,
-            "matthews",
-            Example("The cat chased the mouse across the kitchen.", None, 1),
-        ),
-        ("glue:SST-2", 2, "accuracy", Example("a gorgeous , witty , seductive movie .", None, 1)),
-        (
-            "glue:mrpc",
-            2,
-            "accuracy",
-            Example(
-                'The company said " results were strong " in the third quarter .',
-                'Results were " strong " in the third quarter , the company said .',
-                1,
-            ),
-        ),
         (
             "glue:qqp",
             2,
@@ -113,16 +139,6 @@ def test_real_glue_files_parse_completely(task, n_train, n_dev, positive_share):
             ),
         ),
         (
-            "GLUE:RTE",
-            2,
-            "accuracy",
-            Example(
-                "The company opened its first store in Dublin in 1998.",
-                "The company has a store in Dublin.",
-                0,
-            ),
-        ),
-        (
             "glue:wnli",
             2,
             "accuracy",
@@ -139,10 +155,11 @@ def test_glue_fixture_tasks(spec, num_labels, main_metric, first):
     assert task.name == "glue:" + spec.split(":")[1].lower().replace("-", "")
     assert task.num_labels == num_labels and task.main_metric == main_metric
     assert task.train[0] == first
-    assert len(task.train) == 6  # CoLA: no header, so no row is taken for one
+    assert len(task.train) == 6
     assert all(len(examples) == 5 for examples in task.dev.values())
 
 
+@pytest.mark.skipif(not REAL_GLUE.is_dir(), reason="real GLUE data not present")
 def test_glue_label_orders_match_the_hub():
     expected = {
         "cola": ("unacceptable", "acceptable"),
@@ -156,7 +173,8 @@ def test_glue_label_orders_match_the_hub():
         "wnli": ("not_entailment", "entailment"),
     }
     for name, label_names in expected.items():
-        assert load_task(f"glue:{name}", glue_dir=FIXTURES).label_names == label_names
+        folder = REAL_GLUE if name in REAL_TASKS else FIXTURES
+        assert load_task(f"glue:{name}", glue_dir=folder).label_names == label_names
 
 
 def test_glue_metrics_and_label_values():
@@ -167,12 +185,16 @@ def test_glue_metrics_and_label_values():
     stsb = load_task("glue:stsb", glue_dir=FIXTURES)
     assert stsb.metrics == ("pearson", "spearman")
     assert [e.label for e in stsb.train] == [5.0, 3.8, 0.0, 4.2, 2.75, 0.25]
-    assert load_task("glue:mrpc", glue_dir=FIXTURES).metrics == ("accuracy", "f1")
     assert load_task("glue:qqp", glue_dir=FIXTURES).metrics == ("accuracy", "f1")
-    assert load_task("glue:cola", glue_dir=FIXTURES).metrics == ("matthews",)
     assert [e.label for e in load_task("glue:qnli", glue_dir=FIXTURES).dev["dev"]] == [
         0, 1, 0, 1, 0,
     ]  # fmt: skip
+
+
+@pytest.mark.skipif(not REAL_GLUE.is_dir(), reason="real GLUE data not present")
+def test_real_glue_metrics():
+    assert load_task("glue:mrpc", glue_dir=REAL_GLUE).metrics == ("accuracy", "f1")
+    assert load_task("glue:cola", glue_dir=REAL_GLUE).metrics == ("matthews",)
 
 
 def test_glue_missing_folder_and_file(tmp_path):
@@ -216,8 +238,9 @@ def test_too_many_malformed_rows_raise(tmp_path):
         load_task("glue:qqp", glue_dir=_qqp_dir(tmp_path, good=97, bad=3))
 
 
+@pytest.mark.skipif(not REAL_GLUE.is_dir(), reason="real GLUE data not present")
 def test_glue_header_without_the_expected_columns(tmp_path):
-    shutil.copytree(FIXTURES / "RTE", tmp_path / "RTE")
+    shutil.copytree(REAL_GLUE / "RTE", tmp_path / "RTE")
     path = tmp_path / "RTE" / "train.tsv"
     path.write_text(path.read_text().replace("sentence2", "hypothesis", 1))
     with pytest.raises(ValueError, match="missing \\['sentence2'\\]"):
