@@ -91,6 +91,11 @@ def forward_fn(model, args, regroup=False):
     return lambda batches: plain_forward(model, batches, args.device, args.autocast_dtype)
 
 
+def _paired_ratio(times, method: str, baseline: str) -> float:
+    """Median over rounds of ``method`` / ``baseline`` (the same round: the same conditions)."""
+    return statistics.median(a / b for a, b in zip(times[method], times[baseline], strict=True))
+
+
 def _phase_medians(phases) -> dict[str, float]:
     return {
         "statistics_median_s": statistics.median(p[0] for p in phases),
@@ -144,14 +149,10 @@ def bench_model(name: str, args) -> dict:
     times = interleaved(methods, batches, warmup_slice(batches), args.device, repeats)
     summary = summarize(times, baseline="forward")
     ratio = summary["senslora"]["wall"]["ratio_paired_median"]
-    hooks_ratio = statistics.median(
-        a / b for a, b in zip(times["senslora"], times["forward_regrouped"], strict=True)
-    )
+    hooks_ratio = _paired_ratio(times, "senslora", "forward_regrouped")
     saving = None
     if "senslora_full_forward" in times:
-        saving = 1 - statistics.median(
-            a / b for a, b in zip(times["senslora"], times["senslora_full_forward"], strict=True)
-        )
+        saving = 1 - _paired_ratio(times, "senslora", "senslora_full_forward")
     result["activation"] = {
         "calibration": {"source": "wikipedia", "max_length": seq_len, **describe_batches(batches)},
         "regrouped_padded_tokens": describe_batches(list(regroup_by_length(batches)))[

@@ -222,10 +222,9 @@ class TrainConfig:
             raise ValueError(
                 f"hyperadalora_residual must be a bool, got {self.hyperadalora_residual!r}"
             )
-        if not isinstance(self.eval_steps, int) or isinstance(self.eval_steps, bool):
-            raise ValueError(f"eval_steps must be an integer >= 0, got {self.eval_steps!r}")
-        if self.eval_steps < 0:
-            raise ValueError(f"eval_steps must be an integer >= 0, got {self.eval_steps!r}")
+        steps = self.eval_steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise ValueError(f"eval_steps must be an integer >= 0, got {steps!r}")
         if self.eva_rho < 1.0:
             raise ValueError(f"eva_rho must be >= 1, got {self.eva_rho}")
 

@@ -38,7 +38,7 @@ from senslora.hyperadalora import (
     token_layout,
 )
 from senslora.peft_bridge import pattern_key, verify_ranks
-from senslora.targets import find_target_modules
+from senslora.targets import find_target_modules, layer_shape
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,8 @@ def _hyperadalora(
     replaced by the hypernetwork's generated factors."""
     schedule = adalora_schedule(total_steps)
     modules = dict(model.named_modules())
-    shapes = {n: _shape(modules[n]) for n in names}
+    geometry = {n: layer_shape(modules[n]) for n in names}
+    shapes = {n: (g.out_features, g.in_features) for n, g in geometry.items()}
     caps = {n: min(shape) for n, shape in shapes.items()}
     init_r = config.adalora_init_rank or initial_rank(config.avg_rank)
     start = None
@@ -171,13 +172,6 @@ def _hyperadalora(
     return PreparedModel(peft_model, None, notes)
 
 
-def _shape(module: nn.Module) -> tuple[int, int]:
-    """(d_out, d_in) of a Linear or of a transformers Conv1D (weight stored as (d_in, d_out))."""
-    if hasattr(module, "out_features"):
-        return module.out_features, module.in_features
-    return module.weight.shape[1], module.weight.shape[0]
-
-
 def adalora_schedule(total_steps: int) -> dict[str, int]:
     """AdaLoRA's phases: 10% warm-up at the initial rank, pruning, the last 20% at fixed ranks;
     a reallocation every ~1% of training (at least every step)."""
@@ -191,7 +185,7 @@ def adalora_schedule(total_steps: int) -> dict[str, int]:
 
 
 def _adalora(model, config: TrainConfig, base: peft.LoraConfig, total_steps: int):
-    init_r = config.adalora_init_rank or max(config.avg_rank + 1, (3 * config.avg_rank) // 2)
+    init_r = config.adalora_init_rank or initial_rank(config.avg_rank)
     ada = peft.AdaLoraConfig(
         init_r=init_r,
         target_r=config.avg_rank,

@@ -276,35 +276,26 @@ def _classification_scores(task, prediction) -> dict[str, float]:
 
 
 def _evaluations(log_history: list[dict]) -> list[dict[str, float]]:
-    """Every evaluation with its optimizer step (convergence curves): step, epoch, metrics."""
-    entries, rows = _eval_entries(log_history), _epoch_metrics(log_history)
-    return [{"step": int(e.get("step", 0)), **row} for e, row in zip(entries, rows, strict=True)]
-
-
-def _eval_entries(log_history: list[dict]) -> list[dict]:
-    return [entry for entry in log_history if _scores(entry)]
-
-
-def _scores(entry: dict) -> dict[str, float]:
-    return {
-        k[len("eval_") :]: v
-        for k, v in entry.items()
-        if k.startswith("eval_")
-        and not k.endswith(("runtime", "per_second", "loss", "steps_per_second"))
-    }
-
-
-def _epoch_metrics(log_history: list[dict]) -> list[dict[str, float]]:
-    """One entry per evaluation: the epoch and every eval_* metric (not runtime figures)."""
+    """Every evaluation in order: its optimizer step, epoch and every eval_* metric (not runtime
+    figures)."""
     rows = []
-    for entry in _eval_entries(log_history):
-        rows.append({"epoch": round(float(entry.get("epoch", 0.0)), 3), **_scores(entry)})
+    for entry in log_history:
+        scores = {
+            k[len("eval_") :]: v
+            for k, v in entry.items()
+            if k.startswith("eval_")
+            and not k.endswith(("runtime", "per_second", "loss", "steps_per_second"))
+        }
+        if scores:
+            epoch = round(float(entry.get("epoch", 0.0)), 3)
+            rows.append({"step": int(entry.get("step", 0)), "epoch": epoch, **scores})
     return rows
 
 
 def _results(config, task, trainer, prepared, model_path, timings, resumed) -> dict[str, Any]:
     peft_model = prepared.model
-    epochs = _epoch_metrics(trainer.state.log_history)
+    evals = _evaluations(trainer.state.log_history)
+    epochs = [{k: v for k, v in row.items() if k != "step"} for row in evals]
     main = _main_key(task, epochs)
     best = max(epochs, key=lambda row: row[main]) if epochs else None
     if prepared.allocation is not None:
@@ -341,7 +332,7 @@ def _results(config, task, trainer, prepared, model_path, timings, resumed) -> d
         "init_ranks": prepared.notes.get("init_ranks"),
         "ranks": ranks,
         "epochs": epochs,
-        "evals": _evaluations(trainer.state.log_history),
+        "evals": evals,
         "train_losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
         "best": best,
         "last": epochs[-1] if epochs else None,

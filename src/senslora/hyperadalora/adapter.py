@@ -84,7 +84,9 @@ class HyperAdaLora(nn.Module):
         p_columns, q_rows, lambdas = self.generate()
         if training:
             self._track({"lambda": lambdas} | _keyed(p_columns, "p") | _keyed(q_rows, "q"))
-            self.orth_loss = orthogonality_loss(p_columns, q_rows, self.token_module, self.spans)
+            self.orth_loss = orthogonality_loss(
+                p_columns, q_rows, self.token_module, self.hypernet.spans
+            )
         for (_, start, end, members), p, q in zip(
             self.layout.groups, p_columns, q_rows, strict=True
         ):
@@ -95,10 +97,6 @@ class HyperAdaLora(nn.Module):
                 self.factors[f"{name}.B"] = p_m.T  # (d_out, r_m)
                 self.factors[f"{name}.A"] = q_m  # (r_m, d_in)
         self._cached = not training
-
-    @property
-    def spans(self) -> list[tuple[int, int]]:
-        return [(start, end) for _, start, end, _ in self.layout.groups]
 
     def _track(self, generated: dict[str, torch.Tensor]) -> None:
         """Keep the values and accumulate the gradients of the generated tensors (importance)."""
@@ -237,10 +235,6 @@ def _set_lora(layer, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
     layer.r[ADAPTER] = rank
     layer.lora_alpha[ADAPTER] = alpha
     layer.scaling[ADAPTER] = alpha / rank
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 def initial_rank(avg_rank: int) -> int:
