@@ -71,3 +71,16 @@ def test_scaling_quick(tmp_path, monkeypatch):
     payload = run_quick("scaling", tmp_path / "out.json", monkeypatch)
     assert payload["calibration_size"]["statistics_bytes_constant"]
     assert payload["model_size"]["statistics_bytes_equal_4_sum_d_in"]
+
+
+@pytest.mark.real_model
+def test_dispatch_count_quick(tmp_path, monkeypatch):
+    payload = run_quick("dispatch_count", tmp_path / "out.json", monkeypatch)
+    for model in payload["models"]:
+        per_batch, ops = model["per_batch"], model["statistics_ops_per_batch"]
+        assert per_batch["forward"] > 0
+        # per batch: one accumulation per module, one reduction per distinct input (q/k/v share)
+        assert ops["addcmul_"] == model["targets"]
+        assert 0 < ops["linalg_vector_norm"] < model["targets"]
+        assert per_batch["hooks"] <= 2 * model["targets"] + 3  # + the mask's CPU operations
+        assert model["metrics_and_ranks"] <= 3 * model["targets"]  # no per-value torch calls

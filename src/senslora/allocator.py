@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from senslora import metrics
 from senslora.allocation import progressive_rank_allocation, scaled_rank_allocation
@@ -85,7 +87,7 @@ def module_metrics(
 ) -> dict[str, dict[str, float]]:
     """Trace (eq. 8), Top-k mean (eq. 9) and effective rank (eq. 10) of every module."""
     table = {}
-    for name, s in stats.items():
+    for name, s in _column_values_on_cpu(stats).items():
         values, multiplicity = s.spectrum("diagonal")
         values = metrics.make_nonnegative(values, config.negative)
         k = metrics.top_k_count(s.num_entries, config.top_k_fraction)
@@ -105,6 +107,26 @@ def module_metrics(
             "effective_rank": float(effective_rank),
         }
     return table
+
+
+def _column_values_on_cpu(stats: Mapping[str, ModuleStats]) -> dict[str, ModuleStats]:
+    """The statistics with their column values gathered on the CPU, in one copy per device.
+
+    The metrics run on the CPU; copying module by module would synchronise with the accelerator
+    once per module (hundreds of times on a large model) instead of once. (Values already on the
+    CPU are gathered too: one small copy, and one code path on every device.)
+    """
+    stats = dict(stats)
+    by_device: dict[torch.device, list[str]] = {}
+    for name, s in stats.items():
+        if s.column_values is not None:
+            by_device.setdefault(s.column_values.device, []).append(name)
+    for names in by_device.values():
+        flat = torch.cat([stats[n].column_values.reshape(-1) for n in names]).cpu()
+        sizes = [stats[n].column_values.numel() for n in names]
+        for name, values in zip(names, flat.split(sizes), strict=True):
+            stats[name] = replace(stats[name], column_values=values)
+    return stats
 
 
 def allocate_ranks(
