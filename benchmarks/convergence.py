@@ -7,7 +7,8 @@ evaluation every N optimizer steps, see benchmarks/glue_minilm_gpu.toml) and wri
 
 - ``results/convergence.json``: per task and method, the mean dev curve over seeds, the final
   scores, the steps each run needs to reach 95% of AdaLoRA's final score (same seed) and of
-  LoRA's final score (same seed), the peak training memory per process;
+  LoRA's final score (same seed), the device of each run and the peak training memory per process
+  (per device: the GPU's allocated peak and the CPU's resident peak are not comparable);
 - ``docs/img/convergence.png``: dev metric against optimizer step, one panel per task.
 
 A run that never reaches the threshold gets ``null`` steps. Scores are in percent; for CoLA
@@ -77,7 +78,13 @@ def summarize_task(by_method: dict[str, dict[int, dict]]) -> dict:
             "final": _stats([finals[method][s] for s in seeds]),
             "best": _stats([max(v for _, v in curves[s]) for s in seeds]),
             "mean_curve": mean_curve,
-            "peak_memory_mb": _stats([float(runs[s]["peak_memory_mb"]) for s in seeds]),
+            "devices": {s: runs[s]["device"] for s in seeds},
+            "peak_memory_mb": {  # per device: CUDA and CPU peaks measure different things
+                device: _stats(
+                    [float(runs[s]["peak_memory_mb"]) for s in seeds if runs[s]["device"] == device]
+                )
+                for device in sorted({runs[s]["device"] for s in seeds})
+            },
             "trainable_parameters": runs[seeds[0]]["parameters"]["trainable"],
         }
         for reference in ("adalora", "lora"):

@@ -142,7 +142,7 @@ def _allocate(**options) -> None:
     from senslora.data import CalibrationConfig, calibration_batches, count_tokens, describe_source
     from senslora.models import load_model, load_tokenizer, resolve_model_path
     from senslora.peft_bridge import lora_alphas
-    from senslora.report import rank_table
+    from senslora.report import concentration_note, rank_table
 
     out: Path = options["out"]
     main_process = options.get("main_process", True)
@@ -226,6 +226,9 @@ def _allocate(**options) -> None:
         _write_outputs(out, allocation, lora_config, alphas, variants)
 
     say.print(rank_table(allocation))
+    note = concentration_note(allocation)
+    if note:
+        say.print(f"[bold yellow]note:[/] {note}", highlight=False)
     say.print(
         f"calibration + metrics on {provenance['num_tokens']:,} tokens "
         f"({provenance['num_sequences']} sequences): {seconds:.1f} s"

@@ -38,6 +38,7 @@ from senslora.hyperadalora import (
     token_layout,
 )
 from senslora.peft_bridge import pattern_key, verify_ranks
+from senslora.report import concentration_note
 from senslora.targets import find_target_modules, layer_shape
 
 logger = logging.getLogger(__name__)
@@ -121,7 +122,11 @@ def _senslora_allocation(model, config: TrainConfig, names, calibration_batches,
         budget=config.budget,
         **SENSLORA_VARIANTS[variant],
     )
-    return allocate_ranks(stats, alloc_config, provenance={"calib": config.calib})
+    allocation = allocate_ranks(stats, alloc_config, provenance={"calib": config.calib})
+    note = concentration_note(allocation)
+    if note:
+        logger.warning(note)
+    return allocation
 
 
 def _hyperadalora(

@@ -84,6 +84,32 @@ def _title(allocation: Allocation) -> str:
     )
 
 
+def concentration_note(allocation: Allocation, top: int = 3, share: float = 0.5) -> str | None:
+    """A warning when ``top`` matrices hold at least ``share`` of the total rank, else None.
+
+    On decoders with massive activations (a few input channels orders of magnitude above the
+    rest, e.g. the ``down_proj`` of some SmolLM2 layers) the trace of a handful of matrices
+    dominates and the allocation piles the budget onto them; ``max_rank`` spreads it again.
+    Models with fewer than ``4 * top`` matrices are never flagged: there, a few matrices are
+    much of the model.
+    """
+    ranks, total = allocation.ranks, allocation.total_rank
+    if len(ranks) < 4 * top or total == 0:
+        return None
+    largest = sorted(ranks.items(), key=lambda item: item[1], reverse=True)[:top]
+    held = sum(rank for _, rank in largest)
+    if held < share * total:
+        return None
+    full = [n for n, r in ranks.items() if r > 0 and r == min(allocation.shapes[n])]
+    listed = ", ".join(f"{name} {rank}" for name, rank in largest)
+    return (
+        f"{top} of {len(ranks)} matrices hold {held / total:.0%} of the total rank ({listed})"
+        + (f"; {len(full)} at full rank" if full else "")
+        + ". A few inputs with very large activations can dominate the trace; max_rank "
+        "(--max-rank) caps any one matrix and spreads the rest (docs/results.md)."
+    )
+
+
 def layer_totals(ranks: Mapping[str, int]) -> dict[int | None, int]:
     """Sum of ranks per layer."""
     totals: dict[int | None, int] = defaultdict(int)
