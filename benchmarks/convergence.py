@@ -1,6 +1,6 @@
 """Convergence of AdaLoRA vs HyperAdaLoRA (and LoRA, for reference) from a finished bench grid.
 
-    .venv/bin/python benchmarks/convergence.py benchmarks/results/glue-minilm-h200
+    .venv/bin/python benchmarks/convergence.py benchmarks/results/glue-minilm
 
 Reads ``<grid>/<task>/<method>/seed<k>/results.json`` of runs trained with ``eval_steps`` (an
 evaluation every N optimizer steps, see benchmarks/glue_minilm_gpu.toml) and writes:
