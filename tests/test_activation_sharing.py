@@ -99,7 +99,7 @@ def test_autocast_accumulates_in_float32():
 
 
 def test_model_activations_are_not_modified():
-    """The statistics never write to the activations: the model's outputs do not change."""
+    """Squaring happens in place only on copies: the model's outputs do not change."""
     model = tiny_bert()
     batch = token_batches(num_batches=1, batch=2, length=5)[0]
     batch["attention_mask"] = torch.ones_like(batch["attention_mask"])  # rows are views

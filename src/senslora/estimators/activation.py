@@ -45,16 +45,15 @@ class ActivationAccumulator:
 
     def add(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
         """Accumulate one batch of inputs x (..., d_in); mask (B, T) selects the real tokens."""
-        self.add_sums(input_sums(RealTokens(mask).rows(x), keep_gram=self.gram is not None))
+        rows, copied = RealTokens(mask).rows(x)
+        self.add_sums(input_sums(rows, copied=copied, keep_gram=self.gram is not None))
 
     def add_sums(self, sums: InputSums) -> None:
         """Accumulate the sums of one batch of inputs (shared by modules that read one input)."""
-        norms = sums.norms
-        if norms.device != self.column_sums.device:
-            norms = norms.to(self.column_sums.device, non_blocking=True)
-        self.column_sums.addcmul_(norms, norms, value=2.0)  # += 2 * sum_t x_tj^2
+        device = self.column_sums.device
+        self.column_sums.add_(sums.squares.to(device, non_blocking=True), alpha=2.0)
         if self.gram is not None and sums.gram is not None:
-            self.gram.add_(sums.gram.to(self.gram.device, non_blocking=True), alpha=2.0)
+            self.gram.add_(sums.gram.to(device, non_blocking=True), alpha=2.0)
         self.num_tokens += sums.num_tokens
 
 
@@ -74,41 +73,38 @@ class RealTokens:
             self.index = mask.reshape(-1).nonzero().squeeze(1)  # (B, T) -> (real tokens,)
         self._index_by_device: dict[torch.device, torch.Tensor] = {}
 
-    def rows(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., d_in) -> (tokens, d_in), only the real tokens when x is (B, T, d_in)."""
+    def rows(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """x (..., d_in) -> (tokens, d_in), only the real tokens when x is (B, T, d_in); and
+        whether the rows are a copy (True) or may share x's memory (False)."""
         flat = x.reshape(-1, x.shape[-1])  # (..., d_in) -> (tokens, d_in)
         if self.index is None or x.dim() != 3 or tuple(x.shape[:2]) != self.shape:
-            return flat
+            return flat, False
         index = self._index_by_device.get(x.device)
         if index is None:
             index = self._index_by_device[x.device] = self.index.to(x.device, non_blocking=True)
-        return flat.index_select(0, index)
+        return flat.index_select(0, index), True
 
 
 @dataclass
 class InputSums:
-    """Per-column 2-norms sqrt(Σ_t x_tj²) (and Σ_t x_t x_tᵀ) of one batch of a layer's input,
-    float32."""
+    """Σ_t x_tj² per column (and Σ_t x_t x_tᵀ) of one batch of a layer's input, float32."""
 
-    norms: torch.Tensor
+    squares: torch.Tensor
     gram: torch.Tensor | None
     num_tokens: int
 
 
-def input_sums(rows: torch.Tensor, *, keep_gram: bool) -> InputSums:
-    """Column norms (and the Gram matrix) of ``rows`` (tokens, d_in), in float32.
+def input_sums(rows: torch.Tensor, *, copied: bool, keep_gram: bool) -> InputSums:
+    """Column sums of squares (and the Gram matrix) of ``rows`` (tokens, d_in), in float32.
 
-    The column norms take one reduction over the input, which reads low-precision inputs and
-    accumulates in float32 without a float32 copy; the accumulator then adds their squares. On an
-    accelerator every separate step (copy, square, sum) is a kernel launch per module and batch,
-    which on a small model costs more than the layer itself. ``rows`` is never written to.
+    ``rows`` is squared in place only when it is a copy (``copied``, or a float32 copy of a
+    low-precision input); a view of a model activation is never written to.
     """
-    norms = torch.linalg.vector_norm(rows, dim=0, dtype=torch.float32)
-    gram = None
-    if keep_gram:
-        full = rows.float()
-        gram = full.t() @ full  # (d_in, tokens) @ (tokens, d_in)
-    return InputSums(norms, gram, rows.shape[0])
+    copied = copied or rows.dtype != torch.float32
+    rows = rows.float()
+    gram = rows.t() @ rows if keep_gram else None  # (d_in, tokens) @ (tokens, d_in)
+    squares = rows.square_() if copied else rows.square()
+    return InputSums(squares.sum(dim=0), gram, rows.shape[0])
 
 
 _REGROUP_PADDING = {"input_ids": 0, "attention_mask": 0, "token_type_ids": 0}
@@ -292,8 +288,8 @@ class _HookState:
     def sums_of(self, x: torch.Tensor, keep_gram: bool) -> InputSums:
         """The sums of ``x``, reused when ``x`` is the very tensor of the previous hooked call."""
         if x is not self._last_input or self._last_sums is None:
-            rows = self.tokens.rows(x.detach())
-            self._last_sums = input_sums(rows, keep_gram=keep_gram)
+            rows, copied = self.tokens.rows(x.detach())
+            self._last_sums = input_sums(rows, copied=copied, keep_gram=keep_gram)
             self._last_input = x
         return self._last_sums
 
