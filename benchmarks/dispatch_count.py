@@ -25,6 +25,7 @@ are deterministic: they do not depend on the machine or its load.
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 from common import (
     QUICK_MODELS,
@@ -86,34 +87,35 @@ class DispatchCounter(TorchDispatchMode):
         return Counter({k: v for k, v in self.ops.items() if k not in METADATA_OPS})
 
 
-def count(fn) -> Counter[str]:
+def count(fn) -> tuple[Counter[str], Any]:
+    """The working operations ``fn()`` dispatches, and what it returns."""
     with DispatchCounter() as counter:
-        fn()
-    return counter.working()
+        result = fn()
+    return counter.working(), result
 
 
-def per_batch(fn, batches: list) -> tuple[float, Counter[str]]:
-    """Operations per batch of ``fn(batches)``, one-off work removed (see the module doc)."""
-    many, one = count(lambda: fn(batches)), count(lambda: fn(batches[:1]))
+def per_batch(fn, batches: list) -> tuple[float, Counter[str], Any]:
+    """Operations per batch of ``fn(batches)``, one-off work removed (see the module doc), their
+    names, and what ``fn(batches)`` returned."""
+    (many, result), (one, _) = count(lambda: fn(batches)), count(lambda: fn(batches[:1]))
     extra = many - one
-    return sum(extra.values()) / (len(batches) - 1), extra
+    return sum(extra.values()) / (len(batches) - 1), extra, result
 
 
 def measure(name: str, args, sequences: int, length: int) -> dict:
     model, tokenizer = load_benchmark_model(name, args.device)
     batches = list(regroup_by_length(calibration(tokenizer, sequences, length, BATCH_SIZE)))
     dtype = args.autocast_dtype
-    forward, _ = per_batch(lambda b: plain_forward(model, b, args.device, dtype), batches)
+    forward, _, _ = per_batch(lambda b: plain_forward(model, b, args.device, dtype), batches)
     modules = find_target_modules(model)
-    stats, extra = per_batch(
+    stats, extra, statistics = per_batch(
         lambda b: collect_activation_statistics(
             model, modules, b, autocast_dtype=dtype, regroup=False
         ),
         batches,
     )
-    statistics = senslora.collect_statistics(model, batches, autocast_dtype=dtype)
     config = senslora.AllocationConfig(avg_rank=4)
-    metrics = count(lambda: senslora.allocate_ranks(statistics, config))
+    metrics, _ = count(lambda: senslora.allocate_ranks(statistics, config))
     return {
         "model": name,
         "targets": len(statistics),
