@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_bert, tiny_llama, token_batches
+from torch import nn
 
 from senslora import collect_statistics
 from senslora.estimators import activation
@@ -52,19 +53,19 @@ def test_fast_path_matches_boolean_indexing(make_model):
 
 def test_modules_reading_one_input_share_one_computation(monkeypatch):
     model = tiny_llama()  # per layer: q, k, v read one input, gate and up another
-    calls = []
-    original = activation.input_sums
+    copies = []
+    original = activation.RealTokens.copy_rows
 
-    def counting(rows, **kwargs):
-        calls.append(rows.shape)
-        return original(rows, **kwargs)
+    def counting(self, x):
+        copies.append(x.shape)
+        return original(self, x)
 
-    monkeypatch.setattr(activation, "input_sums", counting)
+    monkeypatch.setattr(activation.RealTokens, "copy_rows", counting)
     batches = token_batches(num_batches=2, batch=3, length=7)
     stats = collect_statistics(model, batches)
     layers = model.config.num_hidden_layers
     assert len(stats) == 7 * layers
-    assert len(calls) == 4 * layers * len(batches)  # q/k/v, o, gate/up, down
+    assert len(copies) == 4 * layers * len(batches)  # q/k/v, o, gate/up, down
     prefix = "model.layers.0."
     for group in (
         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -73,7 +74,81 @@ def test_modules_reading_one_input_share_one_computation(monkeypatch):
         first = stats[prefix + group[0]].column_values
         for other in group[1:]:
             assert torch.equal(stats[prefix + other].column_values, first)
-            assert stats[prefix + other].column_values is not first  # own accumulator
+            assert stats[prefix + other].column_values is not first  # own tensor
+
+
+@pytest.mark.parametrize("flush_bytes", [0, 10_000, 2**30])
+def test_any_flush_size_gives_the_reference_statistics(flush_bytes, monkeypatch):
+    """Reducing the inputs one by one, a few at a time or a whole forward pass at once."""
+    model = tiny_llama()
+    batches = token_batches(num_batches=3, batch=4, length=9)
+    flushed = []
+    original = activation.GroupedSums.flush
+
+    def recording(self, pending):
+        flushed.append(len(pending))
+        return original(self, pending)
+
+    monkeypatch.setattr(activation.GroupedSums, "flush", recording)
+    modules = find_target_modules(model)
+    stats = activation.collect_activation_statistics(
+        model, modules, batches, keep_gram=True, flush_bytes=flush_bytes, regroup=False
+    )
+    sums, grams = naive_statistics(model, batches)
+    for name, s in stats.items():
+        torch.testing.assert_close(s.column_values, sums[name])
+        torch.testing.assert_close(s.gram, grams[name])
+    distinct = 4 * model.config.num_hidden_layers * len(batches)
+    assert sum(flushed) == distinct
+    if flush_bytes == 0:
+        assert set(flushed) == {1}  # one input at a time
+    elif flush_bytes == 2**30:
+        assert len(flushed) == len(batches)  # one reduction per forward pass
+    else:
+        assert len(batches) < len(flushed) < distinct
+
+
+class _InPlaceAfterUse(nn.Module):
+    """Reads x with one layer, then overwrites x in place: the statistics must see x as the layer
+    saw it (the hooks copy, the reduction comes later). Then one layer reads a new tensor and
+    another layer reads that tensor twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(5, 5)
+        self.second = nn.Linear(5, 3)
+        self.third = nn.Linear(5, 3)
+
+    def forward(self, x):
+        y = self.first(x)
+        x.mul_(3.0)
+        z = x + 0.0
+        return self.second(z) + self.third(z) + self.third(z) + y[..., :3]
+
+
+def test_inputs_modified_in_place_after_the_hook_are_counted_as_read():
+    torch.manual_seed(0)
+    model = _InPlaceAfterUse()
+    x = torch.randn(2, 4, 5)
+    modules = {"first": model.first, "second": model.second, "third": model.third}
+    stats = activation.collect_activation_statistics(model, modules, [(x.clone(),)])
+    scaled = 3.0 * x
+    expected = {
+        "first": 2 * x.square().sum((0, 1)),
+        "second": 2 * scaled.square().sum((0, 1)),
+        "third": 4 * scaled.square().sum((0, 1)),  # called twice on the same tensor
+    }
+    for name, values in expected.items():
+        torch.testing.assert_close(stats[name].column_values, values)
+    assert [stats[n].num_tokens for n in ("first", "second", "third")] == [8, 8, 16]
+
+
+def test_negative_flush_size_is_refused():
+    model = tiny_bert()
+    with pytest.raises(ValueError, match="flush_bytes must be >= 0, got -1"):
+        activation.collect_activation_statistics(
+            model, find_target_modules(model), [], flush_bytes=-1
+        )
 
 
 def test_unpadded_batches_take_the_rows_as_they_are():

@@ -79,8 +79,11 @@ def test_dispatch_count_quick(tmp_path, monkeypatch):
     for model in payload["models"]:
         per_batch, ops = model["per_batch"], model["statistics_ops_per_batch"]
         assert per_batch["forward"] > 0
-        # per batch: one accumulation per module, one sum per distinct input (q/k/v share it)
-        assert ops["add_"] == model["targets"]
-        assert 0 < ops["sum"] < model["targets"]
-        assert per_batch["hooks"] <= 3 * model["targets"]
+        # per batch: one copy per distinct input (q/k/v share it), then one reduction per input
+        # width (hidden, intermediate): cat, square, sum, accumulate
+        copies = ops.get("index_select", 0) + ops.get("clone", 0)
+        assert 0 < copies < model["targets"]
+        assert ops["index_add_"] == ops["square_"] == 2
+        assert "add_" not in ops  # no per-module accumulation
+        assert per_batch["hooks"] <= copies + 4 * ops["index_add_"]
         assert model["metrics_and_ranks"] <= 3 * model["targets"]  # no per-value torch calls

@@ -31,32 +31,6 @@ class _StopForward(Exception):
     """Raised from the last hook of a forward pass once every target module has been seen."""
 
 
-class ActivationAccumulator:
-    """Running sums of 2·x_j² (and optionally 2·XXᵀ) over the real tokens of one layer's input."""
-
-    def __init__(self, in_features: int, device: torch.device, keep_gram: bool = False):
-        self.column_sums = torch.zeros(in_features, dtype=torch.float32, device=device)
-        self.gram = (
-            torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
-            if keep_gram
-            else None
-        )
-        self.num_tokens = 0
-
-    def add(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
-        """Accumulate one batch of inputs x (..., d_in); mask (B, T) selects the real tokens."""
-        rows, copied = RealTokens(mask).rows(x)
-        self.add_sums(input_sums(rows, copied=copied, keep_gram=self.gram is not None))
-
-    def add_sums(self, sums: InputSums) -> None:
-        """Accumulate the sums of one batch of inputs (shared by modules that read one input)."""
-        device = self.column_sums.device
-        self.column_sums.add_(sums.squares.to(device, non_blocking=True), alpha=2.0)
-        if self.gram is not None and sums.gram is not None:
-            self.gram.add_(sums.gram.to(device, non_blocking=True), alpha=2.0)
-        self.num_tokens += sums.num_tokens
-
-
 class RealTokens:
     """The real (non-padding) tokens of one batch, as row indices into the flattened (B*T) inputs.
 
@@ -73,38 +47,118 @@ class RealTokens:
             self.index = mask.reshape(-1).nonzero().squeeze(1)  # (B, T) -> (real tokens,)
         self._index_by_device: dict[torch.device, torch.Tensor] = {}
 
-    def rows(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """x (..., d_in) -> (tokens, d_in), only the real tokens when x is (B, T, d_in); and
-        whether the rows are a copy (True) or may share x's memory (False)."""
+    def copy_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """A copy of x (..., d_in) as (tokens, d_in), only the real tokens when x is (B, T, d_in).
+
+        Always a copy (one operation): the model may reuse or modify its activation after the
+        hook, and the copy is squared in place later.
+        """
         flat = x.reshape(-1, x.shape[-1])  # (..., d_in) -> (tokens, d_in)
         if self.index is None or x.dim() != 3 or tuple(x.shape[:2]) != self.shape:
-            return flat, False
+            return flat.clone()
         index = self._index_by_device.get(x.device)
         if index is None:
             index = self._index_by_device[x.device] = self.index.to(x.device, non_blocking=True)
-        return flat.index_select(0, index), True
+        return flat.index_select(0, index)
 
 
 @dataclass
-class InputSums:
-    """Σ_t x_tj² per column (and Σ_t x_t x_tᵀ) of one batch of a layer's input, float32."""
+class _Pending:
+    """A copy of one distinct layer input of the current batch and the modules that read it."""
 
-    squares: torch.Tensor
-    gram: torch.Tensor | None
-    num_tokens: int
+    names: list[str]
+    rows: torch.Tensor  # (tokens, d_in), the input's dtype
 
 
-def input_sums(rows: torch.Tensor, *, copied: bool, keep_gram: bool) -> InputSums:
-    """Column sums of squares (and the Gram matrix) of ``rows`` (tokens, d_in), in float32.
+class GroupedSums:
+    """Running sums of 2·x_j² (and optionally 2·XXᵀ) over the real tokens of every layer input.
 
-    ``rows`` is squared in place only when it is a copy (``copied``, or a float32 copy of a
-    low-precision input); a view of a model activation is never written to.
+    The inputs of one forward pass are reduced together rather than one by one: `flush` takes
+    the pending copies, concatenates those of one width (and device, dtype and token count) and
+    squares, sums and accumulates them with a handful of operations per width, whatever the
+    number of modules. On a GPU a small model's forward pass is launch-bound, so what the
+    statistics cost is the operations they dispatch, not their arithmetic.
+
+    Sums are kept per *reader*: the tuple of modules that read one input (BERT's query/key/value,
+    Llama's q/k/v and gate/up), one row of a (readers, d_in) float32 matrix per width and device.
     """
-    copied = copied or rows.dtype != torch.float32
-    rows = rows.float()
-    gram = rows.t() @ rows if keep_gram else None  # (d_in, tokens) @ (tokens, d_in)
-    squares = rows.square_() if copied else rows.square()
-    return InputSums(squares.sum(dim=0), gram, rows.shape[0])
+
+    def __init__(self, keep_gram: bool = False):
+        self.keep_gram = keep_gram
+        self.sums: dict[tuple, torch.Tensor] = {}  # (device, d_in) -> (readers, d_in)
+        self.grams: dict[tuple, list[torch.Tensor]] = {}  # (device, d_in) -> [(d_in, d_in)]
+        self.rows: dict[tuple[str, ...], tuple[tuple, int]] = {}  # readers -> (key, row)
+        self.num_tokens: dict[tuple[str, ...], int] = {}
+        self._row_index: dict[tuple, torch.Tensor] = {}
+
+    def flush(self, pending: list[_Pending]) -> None:
+        """Accumulate the pending copies (consumed: they are squared in place)."""
+        groups: dict[tuple, list[_Pending]] = {}
+        for item in pending:
+            rows = item.rows
+            groups.setdefault((rows.device, rows.shape[1], rows.dtype, rows.shape[0]), []).append(
+                item
+            )
+        for (device, width, _, tokens), items in groups.items():
+            readers = [tuple(item.names) for item in items]
+            rows = [self._row(device, width, r) for r in readers]
+            x = items[0].rows if len(items) == 1 else torch.cat([i.rows for i in items])
+            x = x.float()  # (n * tokens, d_in); a copy of the model's activations
+            if self.keep_gram:
+                for i, row in enumerate(rows):
+                    block = x[i * tokens : (i + 1) * tokens]
+                    self.grams[(device, width)][row].addmm_(block.t(), block, alpha=2.0)
+            squares = x.square_().view(len(items), tokens, width).sum(dim=1)  # (n, d_in)
+            self.sums[(device, width)].index_add_(
+                0, self._index(device, tuple(rows)), squares, alpha=2.0
+            )
+            for r in readers:
+                self.num_tokens[r] = self.num_tokens.get(r, 0) + tokens
+
+    def _row(self, device: torch.device, width: int, readers: tuple[str, ...]) -> int:
+        """The accumulator row of ``readers``, added (zero) on first sight."""
+        key = (device, width)
+        if readers not in self.rows:
+            table = self.sums.get(key)
+            row = 0 if table is None else table.shape[0]
+            zero = torch.zeros(1, width, dtype=torch.float32, device=device)
+            self.sums[key] = zero if table is None else torch.cat([table, zero])
+            if self.keep_gram:
+                self.grams.setdefault(key, []).append(
+                    torch.zeros(width, width, dtype=torch.float32, device=device)
+                )
+            self.rows[readers] = (key, row)
+        return self.rows[readers][1]
+
+    def _index(self, device: torch.device, rows: tuple[int, ...]) -> torch.Tensor:
+        """The rows as an index tensor on ``device``, built once per distinct tuple."""
+        index = self._row_index.get((device, rows))
+        if index is None:
+            index = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
+            self._row_index[(device, rows)] = index
+        return index
+
+    def module_sums(
+        self, name: str, width: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """(2·Σ x_j², 2·XXᵀ or None, tokens) of the module ``name``: its own tensors on ``device``,
+        summed over every reader tuple it belongs to (one for any model that calls its modules
+        the same way on every batch)."""
+        squares = torch.zeros(width, dtype=torch.float32, device=device)
+        gram = (
+            torch.zeros(width, width, dtype=torch.float32, device=device)
+            if self.keep_gram
+            else None
+        )
+        tokens = 0
+        for readers, (key, row) in self.rows.items():
+            times = readers.count(name)  # a module called twice on one input counts twice
+            if times:
+                squares.add_(self.sums[key][row].to(device), alpha=times)
+                if gram is not None:
+                    gram.add_(self.grams[key][row].to(device), alpha=times)
+                tokens += times * self.num_tokens.get(readers, 0)
+        return squares, gram, tokens
 
 
 _REGROUP_PADDING = {"input_ids": 0, "attention_mask": 0, "token_type_ids": 0}
@@ -209,6 +263,7 @@ def collect_activation_statistics(
     autocast_dtype: torch.dtype | None = None,
     stop_early: bool = True,
     regroup: bool = True,
+    flush_bytes: int = 256 * 2**20,
 ) -> dict[str, ModuleStats]:
     """Accumulate the activation Hessian diagonal of every module over the calibration batches.
 
@@ -217,20 +272,22 @@ def collect_activation_statistics(
     With ``regroup`` the sequences are regrouped by length first (`regroup_by_length`), so that
     little padding is computed; the statistics are the same up to the order of float additions.
     Modules called one after the other on the very same input tensor (BERT's query/key/value,
-    Llama's q/k/v and gate/up projections) share one computation of its sums.
+    Llama's q/k/v and gate/up projections) share one computation of its sums (the same tensor
+    object in consecutive hooked calls; a model that changed it in place in between would be
+    miscounted).
+
+    Each hook only copies the real tokens of its input (one operation); the copies of a forward
+    pass are reduced together at its end, or earlier once they hold ``flush_bytes`` (so the
+    memory they take is bounded by ``flush_bytes`` plus one input), see `GroupedSums`.
     """
+    if flush_bytes < 0:
+        raise ValueError(f"flush_bytes must be >= 0, got {flush_bytes}")
     device = input_device(model)
-    accumulators = {
-        name: ActivationAccumulator(
-            layer_shape(m).in_features, _module_device(m, device), keep_gram
-        )
-        for name, m in modules.items()
-    }
-    state = _HookState()
+    state = _HookState(GroupedSums(keep_gram), flush_bytes)
 
     def make_hook(name: str):
         def hook(_module, inputs, _output):
-            accumulators[name].add_sums(state.sums_of(inputs[0], keep_gram))
+            state.record(name, inputs[0])
             state.calls += 1
             if state.limit is not None and state.calls >= state.limit:
                 raise _StopForward
@@ -250,6 +307,7 @@ def collect_activation_statistics(
                     forward(model, to_device(batch, device), with_labels=False)
                 except _StopForward:
                     pass
+                state.flush()
                 if stop_early and state.limit is None:
                     state.limit = state.calls
     finally:
@@ -257,41 +315,58 @@ def collect_activation_statistics(
             handle.remove()
         state.start_batch(None)  # drop the references to the last batch
         model.train(was_training)
-    return {
-        name: ModuleStats(
-            name=name,
-            shape=layer_shape(modules[name]),
-            estimator="activation",
-            column_values=acc.column_sums,
-            gram=acc.gram,
-            num_tokens=acc.num_tokens,
+    stats = {}
+    for name, module in modules.items():
+        shape = layer_shape(module)
+        squares, gram, tokens = state.sums.module_sums(
+            name, shape.in_features, _module_device(module, device)
         )
-        for name, acc in accumulators.items()
-    }
+        stats[name] = ModuleStats(
+            name=name,
+            shape=shape,
+            estimator="activation",
+            column_values=squares,
+            gram=gram,
+            num_tokens=tokens,
+        )
+    return stats
 
 
 class _HookState:
     """What the hooks share during one forward pass: the batch's real tokens, the number of hooked
-    calls so far and the last input seen with its sums."""
+    calls so far and the copies of the distinct inputs seen, not yet reduced."""
 
-    def __init__(self):
+    def __init__(self, sums: GroupedSums, flush_bytes: int):
+        self.sums = sums
+        self.flush_bytes = flush_bytes
         self.tokens: RealTokens | None = None
         self.calls = 0
         self.limit: int | None = None
+        self._pending: list[_Pending] = []
+        self._pending_bytes = 0
         self._last_input: torch.Tensor | None = None
-        self._last_sums: InputSums | None = None
 
     def start_batch(self, tokens: RealTokens | None) -> None:
         self.tokens, self.calls = tokens, 0
-        self._last_input = self._last_sums = None
+        self._pending, self._pending_bytes, self._last_input = [], 0, None
 
-    def sums_of(self, x: torch.Tensor, keep_gram: bool) -> InputSums:
-        """The sums of ``x``, reused when ``x`` is the very tensor of the previous hooked call."""
-        if x is not self._last_input or self._last_sums is None:
-            rows, copied = self.tokens.rows(x.detach())
-            self._last_sums = input_sums(rows, copied=copied, keep_gram=keep_gram)
-            self._last_input = x
-        return self._last_sums
+    def record(self, name: str, x: torch.Tensor) -> None:
+        """Note that module ``name`` read ``x``: a new copy, unless ``x`` is the very tensor of
+        the previous hooked call (then the module joins that input's readers)."""
+        if x is self._last_input and self._pending:
+            self._pending[-1].names.append(name)
+            return
+        if self._pending_bytes >= self.flush_bytes:
+            self.flush()  # only between distinct inputs: readers of one input stay together
+        rows = self.tokens.copy_rows(x.detach())
+        self._pending.append(_Pending([name], rows))
+        self._pending_bytes += rows.numel() * rows.element_size()
+        self._last_input = x
+
+    def flush(self) -> None:
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        if pending:
+            self.sums.flush(pending)
 
 
 def _module_device(module: nn.Module, fallback: torch.device) -> torch.device:
