@@ -10,6 +10,10 @@ For each model, on the same calibration batches and interleaved round by round:
   computes (the same sequences regrouped by length, so with less padding);
 - ``senslora``: ``collect_statistics`` (activation estimator) + ``allocate_ranks``, i.e.
   calibration, metrics and ranks, everything a user runs before training;
+- ``senslora_grouped`` on the CPU, ``senslora_per_input`` elsewhere: the same with the reduction
+  of the hooked inputs the device does not use by default (see `collect_activation_statistics`:
+  every input reduced on its own on the CPU, the copies of a forward pass reduced together
+  elsewhere), to measure what the default buys;
 - ``senslora_full_forward`` (SmolLM2): the same without the early stop (the forward runs through
   the head), to show what the early stop saves.
 
@@ -42,7 +46,11 @@ from common import (
 )
 
 import senslora
-from senslora.estimators.activation import collect_activation_statistics, regroup_by_length
+from senslora.estimators.activation import (
+    GROUPED_FLUSH_BYTES,
+    collect_activation_statistics,
+    regroup_by_length,
+)
 from senslora.targets import find_target_modules
 
 TARGET = 1.10
@@ -55,21 +63,30 @@ FULL = {
 QUICK = {"activation": (8, 32, 2), "gradient": (4, 16, 1)}
 
 
-def allocation_fn(model, args, estimator="activation", stop_early=True, phases=None):
+def allocation_fn(
+    model, args, estimator="activation", stop_early=True, flush_bytes=None, phases=None
+):
     """Statistics + metrics + ranks on some batches: what the user pays for an allocation.
-    ``phases`` (a list) receives (statistics seconds, metrics + ranks seconds) of every call."""
+    ``phases`` (a list) receives (statistics seconds, metrics + ranks seconds) of every call.
+    ``stop_early=False`` or a ``flush_bytes`` departs from the defaults of the activation
+    estimator (see `collect_activation_statistics`)."""
     config = senslora.AllocationConfig(avg_rank=AVG_RANK)
 
     def run(batches):
         start = time.perf_counter()
-        if stop_early:
+        if stop_early and flush_bytes is None:
             stats = senslora.collect_statistics(
                 model, batches, estimator=estimator, autocast_dtype=args.autocast_dtype
             )
         else:
             modules = find_target_modules(model)
             stats = collect_activation_statistics(
-                model, modules, batches, autocast_dtype=args.autocast_dtype, stop_early=False
+                model,
+                modules,
+                batches,
+                autocast_dtype=args.autocast_dtype,
+                stop_early=stop_early,
+                flush_bytes=flush_bytes,
             )
         synchronize(args.device)
         middle = time.perf_counter()
@@ -144,6 +161,13 @@ def bench_model(name: str, args) -> dict:
         "forward_regrouped": forward_fn(model, args, regroup=True),
         "senslora": allocation_fn(model, args, phases=phases),
     }
+    # the reduction of the hooked inputs the device does not use by default, to see what the
+    # default buys there: every input on its own (CPU default) or per forward pass (elsewhere)
+    on_cpu = torch.device(args.device).type == "cpu"
+    default, other = ("per_input", "grouped") if on_cpu else ("grouped", "per_input")
+    methods[f"senslora_{other}"] = allocation_fn(
+        model, args, flush_bytes=GROUPED_FLUSH_BYTES if other == "grouped" else 0
+    )
     if args.quick or name == "smollm2":  # MiniLM's head (pooler + classifier) is negligible
         methods["senslora_full_forward"] = allocation_fn(model, args, stop_early=False)
     times = interleaved(methods, batches, warmup_slice(batches), args.device, repeats)
@@ -167,11 +191,25 @@ def bench_model(name: str, args) -> dict:
         "met": ratio <= TARGET,
         "early_stop_saving": saving,
         "head": head_share(model),
+        "reduction": {
+            "default": default,
+            "other": other,
+            "other_vs_default": _paired_ratio(times, f"senslora_{other}", "senslora"),
+            "other_vs_regrouped_forward": _paired_ratio(
+                times, f"senslora_{other}", "forward_regrouped"
+            ),
+        },
     }
     print(
         f"  senslora / forward = {ratio:.3f} (target <= {TARGET}); / forward over the regrouped "
         f"batches = {hooks_ratio:.3f}"
         + ("" if saving is None else f"; early stop saves {saving:.1%}")
+    )
+    reduction = result["activation"]["reduction"]
+    print(
+        f"  reduction {default} (default here); {other}: "
+        f"{reduction['other_vs_default']:.3f} x the default, "
+        f"{reduction['other_vs_regrouped_forward']:.3f} x the regrouped forward"
     )
 
     samples, seq_len, repeats = sizes["gradient"]

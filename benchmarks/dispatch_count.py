@@ -12,9 +12,11 @@ operations are left out: they launch nothing), per calibration batch:
 - ``forward``: a plain forward pass over the batches the estimator computes (the same sequences
   regrouped by length);
 - ``statistics``: the activation estimator (with its early stop) over the same batches, already
-  regrouped; the hooks' share is ``statistics - forward`` (the early stop also removes the head's
-  operations, so the share is a lower bound; it includes the two or three operations per batch on
-  the attention mask, which stays on the CPU);
+  regrouped, with the reduction it uses on a GPU (the copies of one forward pass reduced together
+  per input width), and ``statistics_per_input`` with the CPU's (every input reduced on its own);
+  the hooks' share is ``statistics - forward`` (the early stop also removes the head's
+  operations, so the share is a lower bound; it includes the two or three operations per batch
+  on the attention mask, which stays on the CPU);
 - ``metrics_and_ranks``: the operations of ``allocate_ranks`` on tensors (once per allocation).
 
 Per-batch counts are the difference between two runs (``k`` batches and one batch) divided by
@@ -39,7 +41,11 @@ from common import (
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import senslora
-from senslora.estimators.activation import collect_activation_statistics, regroup_by_length
+from senslora.estimators.activation import (
+    GROUPED_FLUSH_BYTES,
+    collect_activation_statistics,
+    regroup_by_length,
+)
 from senslora.targets import find_target_modules
 
 METADATA_OPS = frozenset(
@@ -108,20 +114,30 @@ def measure(name: str, args, sequences: int, length: int) -> dict:
     dtype = args.autocast_dtype
     forward, _, _ = per_batch(lambda b: plain_forward(model, b, args.device, dtype), batches)
     modules = find_target_modules(model)
-    stats, extra, statistics = per_batch(
-        lambda b: collect_activation_statistics(
-            model, modules, b, autocast_dtype=dtype, regroup=False
-        ),
-        batches,
-    )
+    counts, ops, statistics = {}, {}, None
+    for reduction, flush_bytes in (("grouped", GROUPED_FLUSH_BYTES), ("per_input", 0)):
+        counts[reduction], extra, statistics = per_batch(
+            lambda b, flush_bytes=flush_bytes: collect_activation_statistics(
+                model, modules, b, autocast_dtype=dtype, regroup=False, flush_bytes=flush_bytes
+            ),
+            batches,
+        )
+        ops[reduction] = {k: v / (len(batches) - 1) for k, v in extra.most_common()}
     config = senslora.AllocationConfig(avg_rank=4)
     metrics, _ = count(lambda: senslora.allocate_ranks(statistics, config))
     return {
         "model": name,
         "targets": len(statistics),
         "batches": len(batches),
-        "per_batch": {"forward": forward, "statistics": stats, "hooks": stats - forward},
-        "statistics_ops_per_batch": {k: v / (len(batches) - 1) for k, v in extra.most_common()},
+        "per_batch": {
+            "forward": forward,
+            "statistics": counts["grouped"],
+            "hooks": counts["grouped"] - forward,
+            "statistics_per_input": counts["per_input"],
+            "hooks_per_input": counts["per_input"] - forward,
+        },
+        "statistics_ops_per_batch": ops["grouped"],
+        "statistics_per_input_ops_per_batch": ops["per_input"],
         "metrics_and_ranks": sum(metrics.values()),
         "metrics_and_ranks_ops": dict(metrics.most_common()),
     }
@@ -138,7 +154,8 @@ def main() -> None:
         counts = result["per_batch"]
         print(
             f"{model}: per batch forward {counts['forward']:.0f}, statistics "
-            f"{counts['statistics']:.0f} (hooks {counts['hooks']:+.0f}); metrics and ranks "
+            f"{counts['statistics']:.0f} (hooks {counts['hooks']:+.0f}; reducing every input "
+            f"on its own {counts['hooks_per_input']:+.0f}); metrics and ranks "
             f"{result['metrics_and_ranks']} operations for {result['targets']} modules"
         )
     write_results(

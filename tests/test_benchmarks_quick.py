@@ -34,9 +34,13 @@ def test_allocation_overhead_quick(tmp_path, monkeypatch):
             "forward",
             "forward_regrouped",
             "senslora",
+            "senslora_grouped",  # the reduction a GPU uses, timed on the CPU for comparison
             "senslora_full_forward",
         }
         assert timings["senslora"]["wall"]["ratio_paired_median"] > 0
+        reduction = model["activation"]["reduction"]
+        assert (reduction["default"], reduction["other"]) == ("per_input", "grouped")
+        assert reduction["other_vs_default"] > 0
         assert set(model["gradient"]["timings"]) == {"forward", "fisher", "hutchinson"}
 
 
@@ -86,4 +90,8 @@ def test_dispatch_count_quick(tmp_path, monkeypatch):
         assert ops["index_add_"] == ops["square_"] == 2
         assert "add_" not in ops  # no per-module accumulation
         assert per_batch["hooks"] <= copies + 4 * ops["index_add_"]
+        # reducing every input on its own (the CPU's way): one reduction per copy
+        alone = model["statistics_per_input_ops_per_batch"]
+        assert alone["index_add_"] == alone["square_"] == copies
+        assert per_batch["hooks"] < per_batch["hooks_per_input"]
         assert model["metrics_and_ranks"] <= 3 * model["targets"]  # no per-value torch calls

@@ -254,6 +254,10 @@ def _pad_rows(rows: list[dict[str, torch.Tensor]], side: str) -> dict[str, torch
     return batch
 
 
+GROUPED_FLUSH_BYTES = 256 * 2**20
+"""Off the CPU, the copies of the hooked inputs are reduced together once they hold this much."""
+
+
 def collect_activation_statistics(
     model: nn.Module,
     modules: dict[str, nn.Module],
@@ -263,7 +267,7 @@ def collect_activation_statistics(
     autocast_dtype: torch.dtype | None = None,
     stop_early: bool = True,
     regroup: bool = True,
-    flush_bytes: int = 256 * 2**20,
+    flush_bytes: int | None = None,
 ) -> dict[str, ModuleStats]:
     """Accumulate the activation Hessian diagonal of every module over the calibration batches.
 
@@ -276,13 +280,20 @@ def collect_activation_statistics(
     object in consecutive hooked calls; a model that changed it in place in between would be
     miscounted).
 
-    Each hook only copies the real tokens of its input (one operation); the copies of a forward
-    pass are reduced together at its end, or earlier once they hold ``flush_bytes`` (so the
-    memory they take is bounded by ``flush_bytes`` plus one input), see `GroupedSums`.
+    Each hook only copies the real tokens of its input (one operation); the copies are reduced
+    (squared, summed over tokens, accumulated) together once they hold ``flush_bytes``, and at
+    the end of every forward pass, see `GroupedSums`. The memory they take is bounded by
+    ``flush_bytes`` plus one input. ``flush_bytes=0`` reduces every input on its own as soon as
+    the next one arrives. None (the default) picks by device: 0 on the CPU, where the reduction
+    costs memory traffic and one more pass over the copies would cost more than it saves, and
+    `GROUPED_FLUSH_BYTES` elsewhere, where a small model's forward pass is launch-bound and
+    what the statistics cost is the number of operations they dispatch.
     """
+    device = input_device(model)
+    if flush_bytes is None:
+        flush_bytes = 0 if device.type == "cpu" else GROUPED_FLUSH_BYTES
     if flush_bytes < 0:
         raise ValueError(f"flush_bytes must be >= 0, got {flush_bytes}")
-    device = input_device(model)
     state = _HookState(GroupedSums(keep_gram), flush_bytes)
 
     def make_hook(name: str):
