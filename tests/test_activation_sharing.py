@@ -173,6 +173,26 @@ def test_autocast_accumulates_in_float32():
         torch.testing.assert_close(s.column_values, exact[name].column_values, rtol=0.05, atol=1e-3)
 
 
+@pytest.mark.parametrize("make_model", [tiny_bert, tiny_llama])
+def test_grouped_reduction_under_autocast_matches_the_per_input_one(make_model):
+    """Under bf16 autocast some layer inputs are float32 (after a layer norm), others bfloat16:
+    grouped together by width, they give what reducing each on its own gives."""
+    model = make_model()
+    batches = token_batches(num_batches=3, batch=4, length=9)
+    modules = find_target_modules(model)
+    kwargs = {"autocast_dtype": torch.bfloat16, "keep_gram": True}
+    grouped = activation.collect_activation_statistics(
+        model, modules, batches, flush_bytes=2**30, **kwargs
+    )
+    alone = activation.collect_activation_statistics(
+        model, modules, batches, flush_bytes=0, **kwargs
+    )
+    for name in modules:
+        assert grouped[name].num_tokens == alone[name].num_tokens
+        torch.testing.assert_close(grouped[name].column_values, alone[name].column_values)
+        torch.testing.assert_close(grouped[name].gram, alone[name].gram)
+
+
 def test_model_activations_are_not_modified():
     """Squaring happens in place only on copies: the model's outputs do not change."""
     model = tiny_bert()

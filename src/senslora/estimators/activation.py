@@ -74,7 +74,7 @@ class GroupedSums:
     """Running sums of 2·x_j² (and optionally 2·XXᵀ) over the real tokens of every layer input.
 
     The inputs of one forward pass are reduced together rather than one by one: `flush` takes
-    the pending copies, concatenates those of one width (and device, dtype and token count) and
+    the pending copies, concatenates those of one width (and device and token count) and
     squares, sums and accumulates them with a handful of operations per width, whatever the
     number of modules. On a GPU a small model's forward pass is launch-bound, so what the
     statistics cost is the operations they dispatch, not their arithmetic.
@@ -96,14 +96,17 @@ class GroupedSums:
         groups: dict[tuple, list[_Pending]] = {}
         for item in pending:
             rows = item.rows
-            groups.setdefault((rows.device, rows.shape[1], rows.dtype, rows.shape[0]), []).append(
-                item
-            )
-        for (device, width, _, tokens), items in groups.items():
+            groups.setdefault((rows.device, rows.shape[1], rows.shape[0]), []).append(item)
+        for (device, width, tokens), items in groups.items():
             readers = [tuple(item.names) for item in items]
             rows = [self._row(device, width, r) for r in readers]
-            x = items[0].rows if len(items) == 1 else torch.cat([i.rows for i in items])
-            x = x.float()  # (n * tokens, d_in); a copy of the model's activations
+            # (n * tokens, d_in), a copy of the model's activations; under autocast some inputs
+            # are float32 (after a layer norm) and others bfloat16: cat promotes them all
+            if len(items) == 1:
+                x = items[0].rows.float()
+            else:
+                with torch.autocast(device.type, enabled=False):  # else one cast per input
+                    x = torch.cat([i.rows for i in items]).float()
             if self.keep_gram:
                 for i, row in enumerate(rows):
                     block = x[i * tokens : (i + 1) * tokens]
