@@ -15,10 +15,11 @@ linear layer of the encoder/decoder) with average rank 4:
   after every optimizer step.
 
 Time: every method's model lives in this process; steps are interleaved method by method (the
-order rotates every step) and the median step time after warm-up is reported. Memory: each method
-runs in a fresh subprocess; the peak resident memory during the training steps (Linux VmHWM, reset
-just before training with /proc/self/clear_refs) minus the resident memory before them, or the
-peak of ``torch.cuda.max_memory_allocated`` minus the allocated memory before them on CUDA. The
+order rotates every step) and the median step time after warm-up is reported. Memory, on the CPU:
+each method runs in a fresh subprocess; the peak resident memory during the training steps (Linux
+VmHWM, reset just before training with /proc/self/clear_refs) minus the resident memory before
+them. On CUDA: each method in turn in this process, on a fresh copy of the model, the peak of
+``torch.cuda.max_memory_allocated`` (reset before the steps) minus the allocated memory before. The
 analytic parameter + gradient + AdamW state memory (trainable parameters x 4 bytes x 4) is given
 too.
 """
@@ -255,9 +256,19 @@ def measure_jobs(jobs: list[dict], args) -> dict[str, dict]:
 
 
 def measure_memory_of(jobs: list[dict], args, folder: Path) -> dict[str, dict]:
-    """Every (model, method) in a fresh process of its own; with --quick, all in this process
-    (a smoke run: the first method measured also pays the allocator's first growth)."""
-    if args.quick:
+    """Every (model, method) in a fresh process of its own on the CPU; on CUDA, and with --quick,
+    all in this process, one fresh model after the other.
+
+    On the CPU the peak resident memory of a process is the only measure, and a process that
+    already trained keeps what its allocator grew (so --quick is a smoke run: the first method
+    measured also pays the allocator's first growth). On CUDA ``max_memory_allocated`` counts
+    the bytes of live tensors, reset before each method's steps, whatever was allocated and freed
+    before; the one-off allocations (cuBLAS workspaces, kernels) were made by the timed steps.
+    That spares a GPU session eight process start-ups."""
+    if args.quick or args.device.type == "cuda":
+        gc.collect()
+        if args.device.type == "cuda":
+            torch.cuda.empty_cache()
         return measure_jobs(jobs, args)
     groups = [[{**job, "methods": [m]}] for job in jobs for m in job["methods"]]
     running: list[tuple[subprocess.Popen, Path]] = []
@@ -405,7 +416,11 @@ def main() -> None:
             "lora_alpha": ALPHA,
             "optimizer": "AdamW lr 1e-4",
             "sizes": QUICK if args.quick else FULL,
-            "memory_processes": "this one (quick)" if args.quick else "one per model and method",
+            "memory_processes": "this one (quick)"
+            if args.quick
+            else "this one, one method after the other"
+            if args.device.type == "cuda"
+            else "one per model and method",
         },
         "models": results,
     }
