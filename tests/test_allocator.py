@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_bert, tiny_gpt2, token_batches
 
-from senslora import AllocationConfig, allocate_ranks, collect_statistics
+from senslora import AllocationConfig, allocate_ranks, collect_statistics, metrics
 from senslora.allocator import module_metrics
 from senslora.statistics import ModuleStats
 from senslora.targets import LayerShape
@@ -86,6 +86,27 @@ def test_negative_curvature_uses_absolute_value_or_clamp():
     assert absolute["trace"] == 10.0 and clamped["trace"] == 6.0
     assert absolute["top_k_mean"] == 3.5 and clamped["top_k_mean"] == 3.0
     assert absolute["effective_rank"] == 3 and clamped["effective_rank"] == 2
+
+
+@pytest.mark.parametrize("negative", ["abs", "clamp"])
+def test_metrics_by_shape_equal_the_metrics_module_by_module(bert_stats, negative):
+    """The grouped path (one NumPy pass per column-value shape) against `spectrum_metrics` on
+    every module alone, with a gradient-estimator module (full diagonal) mixed in."""
+    stats = dict(bert_stats)
+    diagonal = torch.tensor([[4.0, -3.0, 0.5], [-1.0, 2.0, 0.0]])
+    stats["grad"] = ModuleStats(
+        "grad", LayerShape(3, 2, False), "hutchinson", diagonal=diagonal, num_tokens=1
+    )
+    config = AllocationConfig(negative=negative)
+    table = module_metrics(stats, config)
+    assert list(table) == list(stats)  # model order kept
+    for name, s in stats.items():
+        values, multiplicity = s.spectrum("diagonal")
+        values = metrics.make_nonnegative(values, negative)
+        k = metrics.top_k_count(s.num_entries, config.top_k_fraction)
+        expected = metrics.spectrum_metrics(values, multiplicity, k=k, alpha=0.85)
+        got = table[name]
+        assert (got["trace"], got["top_k_mean"], got["effective_rank"]) == expected
 
 
 def test_conv1d_model_allocates(gpt2):

@@ -85,9 +85,17 @@ class Allocation:
 def module_metrics(
     stats: Mapping[str, ModuleStats], config: AllocationConfig
 ) -> dict[str, dict[str, float]]:
-    """Trace (eq. 8), Top-k mean (eq. 9) and effective rank (eq. 10) of every module."""
-    table = {}
-    for name, s in _column_values_on_cpu(stats).items():
+    """Trace (eq. 8), Top-k mean (eq. 9) and effective rank (eq. 10) of every module.
+
+    With the diagonal spectrum, the modules whose column values have one shape (length and
+    multiplicity) are done together (`metrics.spectrum_metrics_rows`); anything else module by
+    module.
+    """
+    stats = _column_values_on_cpu(stats)
+    table = _column_metrics_by_shape(stats, config) if config.spectrum == "diagonal" else {}
+    for name, s in stats.items():
+        if name in table:
+            continue
         values, multiplicity = s.spectrum("diagonal")
         values = metrics.make_nonnegative(values, config.negative)
         k = metrics.top_k_count(s.num_entries, config.top_k_fraction)
@@ -106,6 +114,32 @@ def module_metrics(
             "top_k_mean": top_k_mean,
             "effective_rank": float(effective_rank),
         }
+    return {name: table[name] for name in stats}
+
+
+def _column_metrics_by_shape(
+    stats: Mapping[str, ModuleStats], config: AllocationConfig
+) -> dict[str, dict[str, float]]:
+    """The metrics of every module with column values, one NumPy pass per shape."""
+    groups: dict[tuple, list[str]] = {}
+    for name, s in stats.items():
+        if s.column_values is not None:
+            key = (s.column_values.numel(), s.shape.out_features, s.column_values.dtype)
+            groups.setdefault(key, []).append(name)
+    table = {}
+    for (_, multiplicity, _), names in groups.items():
+        rows = torch.stack([stats[n].column_values.reshape(-1) for n in names])
+        rows = metrics.make_nonnegative(rows, config.negative)
+        k = metrics.top_k_count(stats[names[0]].num_entries, config.top_k_fraction)
+        traces, top_k_means, effective_ranks = metrics.spectrum_metrics_rows(
+            rows, multiplicity, k=k, alpha=config.effective_rank_threshold
+        )
+        for i, name in enumerate(names):
+            table[name] = {
+                "trace": float(traces[i]),
+                "top_k_mean": float(top_k_means[i]),
+                "effective_rank": float(effective_ranks[i]),
+            }
     return table
 
 

@@ -220,6 +220,69 @@ def spectrum_metrics(
     )
 
 
+def spectrum_metrics_rows(
+    values, multiplicity: int = 1, *, k: int, alpha: float = 0.85
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`spectrum_metrics` of every row of ``values`` (n, d) at once: arrays of the n
+    traces, Top-k means and effective ranks.
+
+    The same numbers as ``spectrum_metrics(row, multiplicity, k=k, alpha=alpha)`` row by row
+    (same dtype of the sort, same order of every sum; tested), in a few NumPy calls instead of a
+    few per row: the matrices of one shape (a model has a handful of shapes) are done together.
+    A row that fails validation raises the error :func:`spectrum_metrics` would raise for it.
+    """
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    multiplicity = _check_multiplicity(multiplicity)
+    if isinstance(values, torch.Tensor):
+        values = values.detach().to(device="cpu")
+        low = values.dtype == torch.float32  # sorted in float32, as _sorted_descending does
+        values = values.numpy() if low else values.to(torch.float64).numpy()
+    else:
+        values = np.asarray(values)
+        low = values.dtype == np.float32
+        values = values if low else values.astype(np.float64)
+    if values.ndim != 2 or values.shape[1] == 0:
+        raise ValueError(f"values must be a non-empty (rows, entries) array, got {values.shape}")
+    if not (np.isfinite(values).all() and (values >= 0).all()):
+        for row in values:  # the first bad row raises the per-row error
+            _check_entries(row, multiplicity)
+    rows = np.arange(values.shape[0])
+    ordered = np.sort(values, axis=1)[:, ::-1].astype(np.float64)  # a contiguous copy
+    totals = multiplicity * values.astype(np.float64).sum(axis=1)
+    # Top-k mean, as _top_k_mean_of_sorted
+    k = operator.index(k)
+    num_entries = values.shape[1] * multiplicity
+    if not 1 <= k <= num_entries:
+        raise ValueError(f"k must be in [1, {num_entries}] (the number of entries), got {k}")
+    full_blocks, rest = divmod(k, multiplicity)
+    top = multiplicity * ordered[:, :full_blocks].sum(axis=1)
+    if rest:
+        top = top + rest * ordered[:, full_blocks]
+    top_k_means = top / k
+    # effective rank, as _effective_rank_of_sorted
+    block_ends = np.cumsum(multiplicity * ordered, axis=1)
+    zero = ordered[:, 0] == 0.0
+    threshold = (alpha - EFFECTIVE_RANK_RTOL) * block_ends[:, -1]
+    block = (block_ends < threshold[:, None]).sum(axis=1)  # = searchsorted(side="left")
+    block = np.where(zero, 0, block)
+    before = np.where(block > 0, block_ends[rows, np.maximum(block - 1, 0)], 0.0)
+    value = np.where(zero, 1.0, ordered[rows, block])
+    copies = np.clip(np.ceil((threshold - before) / value), 1, multiplicity).astype(np.int64)
+    while True:  # the division may round either way: settle on the comparison itself
+        down = (copies > 1) & (before + (copies - 1) * value >= threshold)
+        if not down.any():
+            break
+        copies -= down
+    while True:
+        up = (copies < multiplicity) & (before + copies * value < threshold)
+        if not up.any():
+            break
+        copies += up
+    effective_ranks = np.where(zero, 0, block * multiplicity + copies)
+    return totals, top_k_means, effective_ranks
+
+
 def make_nonnegative(values: torch.Tensor, mode: str = "abs") -> torch.Tensor:
     """Map a Hessian diagonal that may hold negative entries onto non-negative values.
 

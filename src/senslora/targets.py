@@ -75,8 +75,11 @@ def looks_linear(module: nn.Module) -> bool:
     return False
 
 
-def head_module_names(model: nn.Module) -> set[str]:
-    """Full names of the head modules: the output embedding and conventionally named heads."""
+def head_module_names(
+    model: nn.Module, named: Sequence[tuple[str, nn.Module]] | None = None
+) -> set[str]:
+    """Full names of the head modules: the output embedding and conventionally named heads.
+    ``named``: ``list(model.named_modules())`` when the caller already has it."""
     heads = set()
     output_embeddings = None
     get_output = getattr(model, "get_output_embeddings", None)
@@ -85,7 +88,7 @@ def head_module_names(model: nn.Module) -> set[str]:
             output_embeddings = get_output()
         except (AttributeError, NotImplementedError):
             output_embeddings = None
-    for name, module in model.named_modules():
+    for name, module in model.named_modules() if named is None else named:
         parts = name.split(".")
         if module is output_embeddings or parts[0] in HEAD_NAMES or parts[-1] in HEAD_NAMES:
             heads.add(name)
@@ -114,13 +117,14 @@ def find_target_modules(
             "targets must be 'all-linear', a regex string or a list of module names, "
             f"got {targets!r}"
         )
-    heads = set() if include_heads else head_module_names(model)
+    named = list(model.named_modules())  # one walk of the model for the three passes below
+    heads = set() if include_heads else head_module_names(model, named)
     adaptable = {
         name: module
-        for name, module in model.named_modules()
+        for name, module in named
         if name and is_adaptable(module) and name not in heads
     }
-    _check_unadaptable(model, targets, heads, found_adaptable=bool(adaptable))
+    _check_unadaptable(named, model, targets, heads, found_adaptable=bool(adaptable))
     selected = {name: module for name, module in adaptable.items() if _matches(name, targets)}
     if not selected:
         examples = ", ".join(list(adaptable)[:4])
@@ -132,13 +136,18 @@ def find_target_modules(
 
 
 def _check_unadaptable(
-    model: nn.Module, targets: TargetSpec, heads: set[str], *, found_adaptable: bool
+    named: Sequence[tuple[str, nn.Module]],
+    model: nn.Module,
+    targets: TargetSpec,
+    heads: set[str],
+    *,
+    found_adaptable: bool,
 ) -> None:
     """Linear-like layers that are not nn.Linear/Conv1D (custom quantized layers) cannot get an
     adapter: an error when asked for by name or regex, a warning under ``all-linear``."""
     unadaptable = {
         name: type(module).__name__
-        for name, module in model.named_modules()
+        for name, module in named
         if name and name not in heads and looks_linear(module)
     }
     named = [n for n in unadaptable if targets != "all-linear" and _matches(n, targets)]

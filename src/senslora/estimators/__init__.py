@@ -113,18 +113,28 @@ def _check_differentiable(modules: dict[str, nn.Module], estimator: str) -> None
 
 
 def _check_collected(stats: dict[str, ModuleStats]) -> None:
-    """No batch reached the modules, or the values are not finite: say which module and why."""
+    """No batch reached the modules, or the values are not finite: say which module and why.
+
+    The values are checked all at once, one device synchronisation per device (not one per
+    module, hundreds on a large model); only a failure looks for the module to blame.
+    """
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
     for name, s in stats.items():
         if s.num_tokens == 0:
             raise ValueError(
                 f"calibration set is empty: module {name} saw no tokens (no batch, or only padding)"
             )
         values = s.column_values if s.column_values is not None else s.diagonal
-        if values is not None and not bool(torch.isfinite(values).all()):
-            raise FloatingPointError(
-                f"non-finite curvature statistics in module {name} (NaN or Inf in its inputs or "
-                "gradients); run the calibration in float32"
-            )
+        if values is not None:
+            by_device.setdefault(values.device, []).append((name, values))
+    for named in by_device.values():
+        if bool(torch.isfinite(torch.cat([v.reshape(-1) for _, v in named])).all()):
+            continue
+        name = next(n for n, v in named if not bool(torch.isfinite(v).all()))
+        raise FloatingPointError(
+            f"non-finite curvature statistics in module {name} (NaN or Inf in its inputs or "
+            "gradients); run the calibration in float32"
+        )
 
 
 __all__ = ["ESTIMATORS", "ModuleStats", "collect_statistics"]

@@ -142,11 +142,42 @@ class GroupedSums:
         return index
 
     def module_sums(
-        self, name: str, width: int, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """(2·Σ x_j², 2·XXᵀ or None, tokens) of the module ``name``: its own tensors on ``device``,
-        summed over every reader tuple it belongs to (one for any model that calls its modules
-        the same way on every batch)."""
+        self, modules: Mapping[str, tuple[int, torch.device]]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None, int]]:
+        """``{name: (2·Σ x_j², 2·XXᵀ or None, tokens)}`` of every module, given its
+        ``(d_in, device)``; every module gets tensors of its own.
+
+        A module is the sum of the reader tuples it belongs to (counted as often as it appears
+        in each). Modules in exactly one tuple, once, on the device of its sums (every module of
+        a model called the same way on every batch) are taken from each (readers, d_in) table
+        with one ``index_select``, whatever their number; the others one by one.
+        """
+        member: dict[str, list[tuple[tuple[str, ...], int]]] = {name: [] for name in modules}
+        for readers in self.rows:
+            for name in set(readers):
+                if name in member:
+                    member[name].append((readers, readers.count(name)))
+        out: dict[str, tuple[torch.Tensor, torch.Tensor | None, int]] = {}
+        gathered: dict[tuple, list[tuple[str, int]]] = {}  # table -> [(name, row)]
+        for name, tuples in member.items():
+            width, device = modules[name]
+            if len(tuples) == 1 and tuples[0][1] == 1:
+                key, row = self.rows[tuples[0][0]]
+                if key == (device, width):
+                    gathered.setdefault(key, []).append((name, row))
+                    continue
+            out[name] = self._sum_of(name, tuples, width, device)
+        for key, named_rows in gathered.items():
+            index = self._index(key[0], tuple(row for _, row in named_rows))
+            rows = self.sums[key].index_select(0, index).unbind(0)  # fresh, one row per module
+            for (name, row), values in zip(named_rows, rows, strict=True):
+                (readers,) = (r for r, _ in member[name])
+                gram = self.grams[key][row].clone() if self.keep_gram else None
+                out[name] = (values, gram, self.num_tokens.get(readers, 0))
+        return {name: out[name] for name in modules}
+
+    def _sum_of(self, name, tuples, width, device):
+        """The general case of `module_sums` for one module (also: a module never called)."""
         squares = torch.zeros(width, dtype=torch.float32, device=device)
         gram = (
             torch.zeros(width, width, dtype=torch.float32, device=device)
@@ -154,13 +185,12 @@ class GroupedSums:
             else None
         )
         tokens = 0
-        for readers, (key, row) in self.rows.items():
-            times = readers.count(name)  # a module called twice on one input counts twice
-            if times:
-                squares.add_(self.sums[key][row].to(device), alpha=times)
-                if gram is not None:
-                    gram.add_(self.grams[key][row].to(device), alpha=times)
-                tokens += times * self.num_tokens.get(readers, 0)
+        for readers, times in tuples:
+            key, row = self.rows[readers]
+            squares.add_(self.sums[key][row].to(device), alpha=times)
+            if gram is not None:
+                gram.add_(self.grams[key][row].to(device), alpha=times)
+            tokens += times * self.num_tokens.get(readers, 0)
         return squares, gram, tokens
 
 
@@ -312,7 +342,9 @@ def collect_activation_statistics(
         batches = regroup_by_length(batches)
     handles = [m.register_forward_hook(make_hook(name)) for name, m in modules.items()]
     was_training = model.training
-    model.eval()
+    any_training = any(m.training for m in model.modules())
+    if any_training:  # model.eval() walks and sets every module: skipped when nothing trains
+        model.eval()
     try:
         with torch.inference_mode(), _autocast(device, autocast_dtype):
             for batch in batches:
@@ -328,22 +360,26 @@ def collect_activation_statistics(
         for handle in handles:
             handle.remove()
         state.start_batch(None)  # drop the references to the last batch
-        model.train(was_training)
-    stats = {}
-    for name, module in modules.items():
-        shape = layer_shape(module)
-        squares, gram, tokens = state.sums.module_sums(
-            name, shape.in_features, _module_device(module, device)
-        )
-        stats[name] = ModuleStats(
+        if any_training:
+            model.train(was_training)
+    shapes = {name: layer_shape(module) for name, module in modules.items()}
+    sums = state.sums.module_sums(
+        {
+            name: (shapes[name].in_features, _module_device(module, device))
+            for name, module in modules.items()
+        }
+    )
+    return {
+        name: ModuleStats(
             name=name,
-            shape=shape,
+            shape=shapes[name],
             estimator="activation",
             column_values=squares,
             gram=gram,
             num_tokens=tokens,
         )
-    return stats
+        for name, (squares, gram, tokens) in sums.items()
+    }
 
 
 class _HookState:
