@@ -32,6 +32,7 @@ import time
 import torch
 from common import (
     QUICK_MODELS,
+    RESULTS_DIR,
     calibration,
     describe_batches,
     environment,
@@ -61,6 +62,9 @@ FULL = {
     "smollm2": {"activation": (32, 128, 2), "gradient": (2, 64, 1)},
 }
 QUICK = {"activation": (8, 32, 2), "gradient": (4, 16, 1)}
+# --overhead-bound: 4 batches of one 4-token sequence, so that the arithmetic is negligible and
+# the time is that of dispatching operations and running Python, as on a launch-bound GPU
+OVERHEAD_BOUND = {"activation": (4, 4, 15), "batch_size": 1}
 
 
 def allocation_fn(
@@ -151,9 +155,11 @@ def bench_model(name: str, args) -> dict:
     model, tokenizer = load_benchmark_model(model_name, args.device)
     result = {"model": model_name, "targets": len(find_target_modules(model))}
 
+    if args.overhead_bound:
+        sizes = OVERHEAD_BOUND
     samples, seq_len, repeats = sizes["activation"]
     repeats *= args.repeat_factor
-    batches = calibration(tokenizer, samples, seq_len)
+    batches = calibration(tokenizer, samples, seq_len, batch_size=sizes.get("batch_size", 8))
     print(f"{model_name}: activation estimator, {describe_batches(batches)}")
     phases = []
     methods = {
@@ -212,6 +218,8 @@ def bench_model(name: str, args) -> dict:
         f"{reduction['other_vs_regrouped_forward']:.3f} x the regrouped forward"
     )
 
+    if args.overhead_bound:
+        return result
     samples, seq_len, repeats = sizes["gradient"]
     repeats *= args.repeat_factor
     small = with_labels(calibration(tokenizer, samples, seq_len, batch_size=4), model)
@@ -238,8 +246,20 @@ def bench_model(name: str, args) -> dict:
     return result
 
 
+def _add_arguments(parser) -> None:
+    parser.add_argument(
+        "--overhead-bound",
+        action="store_true",
+        help="4 batches of one 4-token sequence, activation estimator only: the arithmetic is "
+        "negligible and the time is that of dispatching operations and running Python, a CPU "
+        "stand-in for a launch-bound GPU (results: allocation_overhead-overhead-bound.json)",
+    )
+
+
 def main() -> None:
-    args = parse_args("allocation_overhead", __doc__.splitlines()[0])
+    args = parse_args("allocation_overhead", __doc__.splitlines()[0], _add_arguments)
+    if args.overhead_bound and args.out == RESULTS_DIR / "allocation_overhead.json":
+        args.out = RESULTS_DIR / "allocation_overhead-overhead-bound.json"
     torch.manual_seed(0)
     payload = {
         "benchmark": "allocation_overhead",
@@ -249,7 +269,8 @@ def main() -> None:
             "repeat_factor": args.repeat_factor,
             "dtype": args.dtype,
             "avg_rank": AVG_RANK,
-            "sizes": QUICK if args.quick else FULL,
+            "overhead_bound": args.overhead_bound,
+            "sizes": OVERHEAD_BOUND if args.overhead_bound else QUICK if args.quick else FULL,
             "sizes_legend": "(sequences, max length, repeats)",
         },
         "models": [bench_model(name, args) for name in args.models],
