@@ -120,7 +120,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
-        "commit": _git_commit(),
+        "commit": _git_commit(_senslora_folder()),  # of the senslora source measured
+        "benchmarks_commit": _git_commit(Path(__file__).resolve().parent),
         "random_weights": random_weights(),
     }
     if device.type == "cuda":
@@ -140,14 +141,22 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def _git_commit() -> str | None:
+def _senslora_folder() -> Path:
+    """Where the imported senslora comes from (e.g. an older checkout on PYTHONPATH, to measure
+    the code before a change with today's benchmark)."""
+    import senslora
+
+    return Path(senslora.__file__).resolve().parent
+
+
+def _git_commit(folder: Path) -> str | None:
     try:
         done = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
             capture_output=True,
             text=True,
             timeout=10,
-            cwd=Path(__file__).resolve().parent,
+            cwd=folder,
         )
     except (OSError, subprocess.SubprocessError):
         return None
