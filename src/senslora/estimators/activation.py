@@ -73,11 +73,11 @@ class _Pending:
 class GroupedSums:
     """Running sums of 2·x_j² (and optionally 2·XXᵀ) over the real tokens of every layer input.
 
-    The inputs of one forward pass are reduced together rather than one by one: `flush` takes
-    the pending copies, concatenates those of one width (and device and token count) and
-    squares, sums and accumulates them with a handful of operations per width, whatever the
-    number of modules. On a GPU a small model's forward pass is launch-bound, so what the
-    statistics cost is the operations they dispatch, not their arithmetic.
+    `flush` takes the pending copies (one input on the CPU, a whole forward pass elsewhere: see
+    `collect_activation_statistics`), concatenates those of one width (and device and token
+    count) and squares, sums and accumulates them with a handful of operations per width,
+    whatever the number of modules. On a GPU a small model's forward pass is launch-bound, so
+    what the statistics cost is the operations they dispatch, not their arithmetic.
 
     Sums are kept per *reader*: the tuple of modules that read one input (BERT's query/key/value,
     Llama's q/k/v and gate/up), one row of a (readers, d_in) float32 matrix per width and device.
