@@ -75,6 +75,14 @@ def test_scaling_quick(tmp_path, monkeypatch):
     payload = run_quick("scaling", tmp_path / "out.json", monkeypatch)
     assert payload["calibration_size"]["statistics_bytes_constant"]
     assert payload["model_size"]["statistics_bytes_equal_4_sum_d_in"]
+    # the docs' figure is drawn from results of this shape
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["plot", "--scaling", str(tmp_path / "out.json"), "--out", str(tmp_path / "s.png")],
+    )
+    runpy.run_path(str(BENCHMARKS / "plot_performance.py"), run_name="__main__")
+    assert (tmp_path / "s.png").stat().st_size > 0
 
 
 @pytest.mark.real_model

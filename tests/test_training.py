@@ -195,6 +195,29 @@ def test_bench_counts_the_hypernetwork_as_adapter_parameters():
     assert table["lora"]["t"]["params"] == 100
 
 
+def test_bench_table_gives_the_range_of_parameters_over_seeds():
+    """An allocation depends on the seed's calibration sample: the count may differ by seed."""
+    from senslora.bench import aggregate, render_markdown
+
+    def result(method, seed, params):
+        return {
+            "method": method,
+            "task": "t",
+            "config": {"seed": seed},
+            "main_metric": "accuracy",
+            "last": {"accuracy": 0.5},
+            "best": {"accuracy": 0.5},
+            "parameters": {"lora": params},
+        }
+
+    runs = [result("lora", 0, 1000), result("lora", 1, 1000)]
+    runs += [result("senslora", 0, 1200), result("senslora", 1, 1152)]
+    summary = aggregate(runs, ["lora", "senslora"], ["t"])
+    assert summary["table"]["senslora"]["t"]["params_range"] == [1152, 1200]
+    table = render_markdown(summary)
+    assert "| 1,000 |" in table and "| 1,152–1,200 |" in table
+
+
 @pytest.mark.real_model
 def test_demo_quick_runs_end_to_end(tmp_path):
     from typer.testing import CliRunner

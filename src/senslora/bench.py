@@ -154,7 +154,10 @@ def aggregate(results: list[dict[str, Any]], methods, tasks, selection="last") -
             runs = [r for (m, t, _), r in by.items() if m == method and t == task]
             values = [score(r, selection) for r in runs]
             row[task] = _summary(values)
+            counts = sorted(adapter_parameters(r) for r in runs)
             row[task]["params"] = adapter_parameters(runs[0]) if runs else None
+            # the allocation, hence the count, may differ with the seed's calibration sample
+            row[task]["params_range"] = [counts[0], counts[-1]] if runs else None
             if method != "lora":
                 diffs = [
                     score(r, selection) - score(by[("lora", task, s)], selection)
@@ -190,12 +193,11 @@ def render_markdown(summary: dict[str, Any]) -> str:
     for method, row in table.items():
         cells = [_cell(row[t]) for t in tasks]
         average = row["average"]["mean"]
-        params = sorted({row[t]["params"] for t in tasks if row[t]["params"] is not None})
         lines.append(
             f"| {method} | "
             + " | ".join(cells)
             + f" | {'-' if average is None else f'{average:.2f}'} | "
-            + ", ".join(f"{p:,}" for p in params)
+            + _params_cell([row[t].get("params_range") for t in tasks])
             + " |"
         )
     lines += [
@@ -215,6 +217,15 @@ def render_markdown(summary: dict[str, Any]) -> str:
                 + " |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _params_cell(ranges: list[list[int] | None]) -> str:
+    """Adapter parameters over every task and seed: one count, or the smallest–largest."""
+    counts = [count for r in ranges if r for count in r]
+    if not counts:
+        return ""
+    low, high = min(counts), max(counts)
+    return f"{low:,}" if low == high else f"{low:,}–{high:,}"
 
 
 def _cell(stats: dict[str, Any], signed: bool = False) -> str:
