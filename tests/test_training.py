@@ -173,22 +173,24 @@ device = "cpu"
     assert "Paired difference" in (bench.out / "results.md").read_text()
 
 
+def _bench_result(method: str, seed: int, parameters: dict[str, int]) -> dict:
+    """A finished run's results.json, as the bench tables read it (task "t", accuracy 0.5)."""
+    return {
+        "method": method,
+        "task": "t",
+        "config": {"seed": seed},
+        "main_metric": "accuracy",
+        "last": {"accuracy": 0.5},
+        "best": {"accuracy": 0.5},
+        "parameters": parameters,
+    }
+
+
 def test_bench_counts_the_hypernetwork_as_adapter_parameters():
     from senslora.bench import adapter_parameters, aggregate
 
-    def result(method, seed, params):
-        return {
-            "method": method,
-            "task": "t",
-            "config": {"seed": seed},
-            "main_metric": "accuracy",
-            "last": {"accuracy": 0.5},
-            "best": {"accuracy": 0.5},
-            "parameters": params,
-        }
-
-    lora = result("lora", 0, {"lora": 100})
-    hyper = result("hyperadalora", 0, {"lora": 0, "hypernetwork": 250})
+    lora = _bench_result("lora", 0, {"lora": 100})
+    hyper = _bench_result("hyperadalora", 0, {"lora": 0, "hypernetwork": 250})
     assert adapter_parameters(lora) == 100 and adapter_parameters(hyper) == 250
     table = aggregate([lora, hyper], ["lora", "hyperadalora"], ["t"])["table"]
     assert table["hyperadalora"]["t"]["params"] == 250
@@ -199,19 +201,11 @@ def test_bench_table_gives_the_range_of_parameters_over_seeds():
     """An allocation depends on the seed's calibration sample: the count may differ by seed."""
     from senslora.bench import aggregate, render_markdown
 
-    def result(method, seed, params):
-        return {
-            "method": method,
-            "task": "t",
-            "config": {"seed": seed},
-            "main_metric": "accuracy",
-            "last": {"accuracy": 0.5},
-            "best": {"accuracy": 0.5},
-            "parameters": {"lora": params},
-        }
-
-    runs = [result("lora", 0, 1000), result("lora", 1, 1000)]
-    runs += [result("senslora", 0, 1200), result("senslora", 1, 1152)]
+    runs = [_bench_result("lora", s, {"lora": 1000}) for s in (0, 1)]
+    runs += [
+        _bench_result("senslora", 0, {"lora": 1200}),
+        _bench_result("senslora", 1, {"lora": 1152}),
+    ]
     summary = aggregate(runs, ["lora", "senslora"], ["t"])
     assert summary["table"]["senslora"]["t"]["params_range"] == [1152, 1200]
     table = render_markdown(summary)
