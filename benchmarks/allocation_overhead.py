@@ -50,6 +50,7 @@ import senslora
 from senslora.estimators.activation import (
     GROUPED_FLUSH_BYTES,
     collect_activation_statistics,
+    default_flush_bytes,
     regroup_by_length,
 )
 from senslora.targets import find_target_modules
@@ -169,10 +170,10 @@ def bench_model(name: str, args) -> dict:
     }
     # the reduction of the hooked inputs the device does not use by default, to see what the
     # default buys there: every input on its own (CPU default) or per forward pass (elsewhere)
-    on_cpu = torch.device(args.device).type == "cpu"
-    default, other = ("per_input", "grouped") if on_cpu else ("grouped", "per_input")
+    per_input = default_flush_bytes(args.device) == 0
+    default, other = ("per_input", "grouped") if per_input else ("grouped", "per_input")
     methods[f"senslora_{other}"] = allocation_fn(
-        model, args, flush_bytes=GROUPED_FLUSH_BYTES if other == "grouped" else 0
+        model, args, flush_bytes=GROUPED_FLUSH_BYTES if per_input else 0
     )
     if args.quick or name == "smollm2":  # MiniLM's head (pooler + classifier) is negligible
         methods["senslora_full_forward"] = allocation_fn(model, args, stop_early=False)

@@ -150,10 +150,10 @@ def _check_unadaptable(
         for name, module in named
         if name and name not in heads and looks_linear(module)
     }
-    named = [n for n in unadaptable if targets != "all-linear" and _matches(n, targets)]
-    if named:
+    asked = [n for n in unadaptable if targets != "all-linear" and _matches(n, targets)]
+    if asked:
         raise ValueError(
-            f"target {named[0]} is a {unadaptable[named[0]]}, expected nn.Linear or Conv1D (or a "
+            f"target {asked[0]} is a {unadaptable[asked[0]]}, expected nn.Linear or Conv1D (or a "
             "subclass, like bitsandbytes' Linear8bitLt/Linear4bit): it cannot get a LoRA adapter"
         )
     if not found_adaptable:

@@ -158,25 +158,25 @@ class GroupedSums:
                 if name in member:
                     member[name].append((readers, readers.count(name)))
         out: dict[str, tuple[torch.Tensor, torch.Tensor | None, int]] = {}
-        gathered: dict[tuple, list[tuple[str, int]]] = {}  # table -> [(name, row)]
+        gathered: dict[tuple, list[tuple[str, tuple[str, ...], int]]] = {}  # table -> rows
         for name, tuples in member.items():
             width, device = modules[name]
             if len(tuples) == 1 and tuples[0][1] == 1:
-                key, row = self.rows[tuples[0][0]]
+                readers = tuples[0][0]
+                key, row = self.rows[readers]
                 if key == (device, width):
-                    gathered.setdefault(key, []).append((name, row))
+                    gathered.setdefault(key, []).append((name, readers, row))
                     continue
-            out[name] = self._sum_of(name, tuples, width, device)
-        for key, named_rows in gathered.items():
-            index = self._index(key[0], tuple(row for _, row in named_rows))
+            out[name] = self._sum_of(tuples, width, device)
+        for key, entries in gathered.items():
+            index = self._index(key[0], tuple(row for _, _, row in entries))
             rows = self.sums[key].index_select(0, index).unbind(0)  # fresh, one row per module
-            for (name, row), values in zip(named_rows, rows, strict=True):
-                (readers,) = (r for r, _ in member[name])
+            for (name, readers, row), values in zip(entries, rows, strict=True):
                 gram = self.grams[key][row].clone() if self.keep_gram else None
                 out[name] = (values, gram, self.num_tokens.get(readers, 0))
         return {name: out[name] for name in modules}
 
-    def _sum_of(self, name, tuples, width, device):
+    def _sum_of(self, tuples, width, device):
         """The general case of `module_sums` for one module (also: a module never called)."""
         squares = torch.zeros(width, dtype=torch.float32, device=device)
         gram = (
@@ -291,6 +291,12 @@ GROUPED_FLUSH_BYTES = 256 * 2**20
 """Off the CPU, the copies of the hooked inputs are reduced together once they hold this much."""
 
 
+def default_flush_bytes(device: torch.device) -> int:
+    """``flush_bytes`` of `collect_activation_statistics` when not given: 0 (every input reduced
+    on its own) on the CPU, `GROUPED_FLUSH_BYTES` on any other device."""
+    return 0 if device.type == "cpu" else GROUPED_FLUSH_BYTES
+
+
 def collect_activation_statistics(
     model: nn.Module,
     modules: dict[str, nn.Module],
@@ -324,7 +330,7 @@ def collect_activation_statistics(
     """
     device = input_device(model)
     if flush_bytes is None:
-        flush_bytes = 0 if device.type == "cpu" else GROUPED_FLUSH_BYTES
+        flush_bytes = default_flush_bytes(device)
     if flush_bytes < 0:
         raise ValueError(f"flush_bytes must be >= 0, got {flush_bytes}")
     state = _HookState(GroupedSums(keep_gram), flush_bytes)
