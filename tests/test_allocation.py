@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from senslora.allocation import progressive_rank_allocation, scaled_rank_allocation
+from senslora.rank_schemes import progressive_rank_allocation, scaled_rank_allocation
 
 _theta_values = st.one_of(
     st.integers(0, 10).map(float),  # ties and zeros

@@ -9,8 +9,8 @@ import torch
 from conftest import tiny_bert, tiny_gpt2, token_batches
 
 from senslora import AllocationConfig, allocate_ranks, collect_statistics, metrics
-from senslora.allocator import module_metrics
-from senslora.statistics import ModuleStats
+from senslora.allocation import module_metrics
+from senslora.stats import ModuleStats
 from senslora.targets import LayerShape
 
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from senslora.evaluation import (
+from senslora.finetune.evaluation import (
     accuracy,
     bleu4,
     classification_metrics,
@@ -18,7 +18,7 @@ from senslora.evaluation import (
     rouge,
     spearman,
 )
-from senslora.tasks import ClassificationTask, Example
+from senslora.finetune.tasks import ClassificationTask, Example
 
 PREDICTIONS = [1, 1, 0, 0, 1]
 LABELS = [1, 0, 0, 1, 1]  # TP 2, TN 1, FP 1, FN 1

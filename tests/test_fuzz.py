@@ -17,7 +17,7 @@ from senslora import AllocationConfig, allocate_ranks, load_allocation
 from senslora.config import SCORES, WEIGHTINGS
 from senslora.data import load_texts
 from senslora.serialization import allocation_to_dict
-from senslora.statistics import ModuleStats
+from senslora.stats import ModuleStats
 from senslora.targets import LayerShape
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -8,10 +8,10 @@ import torch
 from conftest import tiny_bert, tiny_gpt2, token_batches
 from test_training import folders, train  # noqa: F401  (module fixture + end-to-end helper)
 
-from senslora.config import TrainConfig
-from senslora.hyperadalora import find_controller, materialise
-from senslora.hyperadalora.budget import budget_at, top_budget_mask
-from senslora.methods import adalora_schedule, prepare_model, trainable_parameters
+from senslora.finetune.config import TrainConfig
+from senslora.finetune.hyperadalora import find_controller, materialise
+from senslora.finetune.hyperadalora.budget import budget_at, top_budget_mask
+from senslora.finetune.methods import adalora_schedule, prepare_model, trainable_parameters
 
 TOTAL_STEPS = 40
 

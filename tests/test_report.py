@@ -7,9 +7,9 @@ import logging
 import torch
 
 from senslora import AllocationConfig
-from senslora.allocator import Allocation
+from senslora.allocation import Allocation
 from senslora.report import concentration_note, rank_table
-from senslora.statistics import ModuleStats
+from senslora.stats import ModuleStats
 from senslora.targets import LayerShape
 
 
@@ -56,8 +56,8 @@ def test_rank_table_has_a_row_per_layer():
 def test_training_allocation_logs_the_note(caplog, monkeypatch):
     """On statistics with two dominant inputs (as SmolLM2's down_proj gives), the allocation that
     training makes warns."""
-    from senslora import methods
-    from senslora.config import TrainConfig
+    from senslora.finetune import methods
+    from senslora.finetune.config import TrainConfig
 
     stats = {}
     for i in range(16):
@@ -71,7 +71,7 @@ def test_training_allocation_logs_the_note(caplog, monkeypatch):
         )
     monkeypatch.setattr(methods, "collect_statistics", lambda *args, **kwargs: stats)
     config = TrainConfig(method="senslora", task="rotten_tomatoes", avg_rank=4)
-    with caplog.at_level(logging.WARNING, logger="senslora.methods"):
+    with caplog.at_level(logging.WARNING, logger="senslora.finetune.methods"):
         result = methods._senslora_allocation(None, config, list(stats), lambda: [], "senslora")
     assert result.ranks["layers.0.fc"] > 20
     assert "3 of 16 matrices hold" in caplog.text

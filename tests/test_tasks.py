@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 
 from senslora.data import read_wikipedia_articles
-from senslora.tasks import (
+from senslora.finetune.tasks import (
     ClassificationTask,
     Example,
     GenerationExample,
     GenerationTask,
     load_task,
 )
-from senslora.tasks.base import hash_fraction, hash_split, select_subset
-from senslora.tasks.generation import LEAD_INSTRUCTION, split_first_sentence
+from senslora.finetune.tasks.base import hash_fraction, hash_split, select_subset
+from senslora.finetune.tasks.generation import LEAD_INSTRUCTION, split_first_sentence
 
 FIXTURES = Path(__file__).parent / "fixtures" / "glue"
 REAL_GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"

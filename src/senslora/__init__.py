@@ -7,12 +7,12 @@ lora_config = alloc.to_lora_config(base=peft.LoraConfig(lora_alpha=8, r=4))
 
 from importlib.metadata import PackageNotFoundError, version
 
-from senslora.allocator import Allocation, allocate_ranks
+from senslora.allocation import Allocation, allocate_ranks
 from senslora.config import AllocationConfig
 from senslora.estimators import collect_statistics
 from senslora.peft_bridge import apply_allocation, verify_ranks
 from senslora.serialization import load_allocation
-from senslora.statistics import ModuleStats
+from senslora.stats import ModuleStats
 
 try:
     __version__ = version("senslora")

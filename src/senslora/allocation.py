@@ -1,230 +1,239 @@
-"""Integer rank allocation from per-matrix sensitivity weights ``theta``; pure functions.
-
-- :func:`scaled_rank_allocation` -- Scaled Rank Allocation (SRA, eq. 15 of Zhang et al., 2025):
-  ranks proportional to ``theta`` under a total budget, within per-matrix bounds.
-- :func:`progressive_rank_allocation` -- Progressive Rank Allocation (PRA, Section 4.4): ranks
-  in a few levels around the average, by the order of ``theta``.
-
-Both take ``theta`` as a sequence, numpy array or tensor (one entry per matrix, finite, >= 0),
-bounds as an int (the same for every matrix) or one int per matrix, and return one Python int
-per matrix in the same order. Both are deterministic.
-"""
+"""Statistics -> metrics -> scores -> ranks: the `Allocation` a user turns into a LoraConfig."""
 
 from __future__ import annotations
 
-import math
-import operator
-from collections.abc import Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
-__all__ = ["progressive_rank_allocation", "scaled_rank_allocation"]
+from senslora import metrics
+from senslora.config import AllocationConfig
+from senslora.rank_schemes import progressive_rank_allocation, scaled_rank_allocation
+from senslora.stats import ModuleStats
 
-_FLOOR_TOL = 1e-9
-"""A continuous rank within this of the next integer is rounded up to it before flooring, and
-fractional parts equal to within it are ties; so float noise in the bisection does not decide
-exact cases (e.g. ``theta = [1, 3]``, budget 2: continuous ranks 0.5 and 1.5)."""
+if TYPE_CHECKING:  # pragma: no cover
+    import peft
+    from torch import nn
 
-_MAX_BISECTIONS = 2200  # enough to shrink any float64 interval [0, hi] to adjacent floats
-
-IntBounds = int | Sequence[int] | np.ndarray
-
-
-def _as_theta(theta) -> np.ndarray:
-    if isinstance(theta, torch.Tensor):
-        theta = theta.detach().to(device="cpu", dtype=torch.float64).numpy()
-    array = np.array(theta, dtype=np.float64)
-    if array.ndim != 1 or array.size == 0:
-        raise ValueError(f"theta must be a non-empty 1-D sequence, got shape {array.shape}")
-    if not np.isfinite(array).all() or (array < 0).any():
-        raise ValueError(f"theta must be finite and non-negative, got {array.tolist()}")
-    return array
+METRIC_KEYS = ("trace", "top_k_mean", "effective_rank", "s_global", "s_local", "theta")
 
 
-def _as_ints(values: IntBounds, n: int, name: str, minimum: int) -> np.ndarray:
-    """Broadcast an int or check a per-matrix sequence of ints; all must be >= ``minimum``."""
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().numpy()
-    array = np.asarray(values)
-    if array.dtype.kind not in "iu" or array.ndim > 1:
-        raise ValueError(f"{name} must be an int or a 1-D sequence of ints, got {values!r}")
-    array = np.broadcast_to(array.astype(np.int64), (n,)) if array.ndim == 0 else array
-    if array.shape != (n,):
-        raise ValueError(f"{name} must have one entry per matrix ({n}), got {array.size}")
-    if (array < minimum).any():
-        raise ValueError(f"{name} must be >= {minimum}, got {array.tolist()}")
-    return array.astype(np.int64)
+@dataclass
+class Allocation:
+    """Per-module LoRA ranks with the metrics and provenance behind them.
 
-
-def _as_bounds(min_ranks: IntBounds, max_ranks: IntBounds, n: int):
-    low = _as_ints(min_ranks, n, "min_ranks", 0)
-    high = _as_ints(max_ranks, n, "max_ranks", 0)
-    below = np.flatnonzero(high < low)
-    if below.size:
-        raise ValueError(
-            f"max_ranks must be >= min_ranks, but matrices {below.tolist()} have max "
-            f"{high[below].tolist()} < min {low[below].tolist()}"
-        )
-    return low, high
-
-
-def _spent(ranks: np.ndarray, cost: np.ndarray) -> int:
-    return int((ranks * cost).sum())
-
-
-def _continuous_ranks(theta, budget, low, high, cost) -> np.ndarray:
-    """Solve ``sum(cost * clip(lam * theta, low, high)) = budget`` for ``lam`` by bisection.
-
-    The sum is monotone in ``lam``, so matrices capped at ``high`` hand their surplus to the
-    others in proportion to ``theta``. If even the ``lam`` that caps every ``theta > 0`` falls
-    short (matrices with ``theta == 0`` stay at ``low``), returns that limit. ``math.fsum``
-    makes the sum exact, hence independent of the order of the matrices.
+    Attributes:
+        ranks: ``{full module name: rank}``; rank 0 means the module gets no adapter.
+        shapes: ``{full module name: (d_out, d_in)}``.
+        metrics: ``{full module name: {trace, top_k_mean, effective_rank, s_global, s_local,
+            theta}}``.
+        weights: the combination weights beta1, beta2, gamma1, gamma2.
+        config: the AllocationConfig used.
+        provenance: model, calibration source, tokens, estimator, package version, time.
     """
-    theta = theta / theta.max()
-    positive = theta > 0
 
-    def total(lam: float) -> float:
-        return math.fsum(cost * np.clip(lam * theta, low, high))
+    ranks: dict[str, int]
+    shapes: dict[str, tuple[int, int]]
+    metrics: dict[str, dict[str, float]]
+    weights: dict[str, float]
+    config: AllocationConfig
+    provenance: dict[str, Any] = field(default_factory=dict)
 
-    with np.errstate(over="ignore"):  # tiny theta: the cap is taken as the largest float
-        hi = float(np.max(high[positive] / theta[positive]))
-    hi = hi if math.isfinite(hi) else float(np.finfo(np.float64).max)
-    if total(hi) <= budget:
-        return np.clip(hi * theta, low, high)
-    lo = 0.0  # total(0) = sum(cost * low) <= budget, checked by the caller
-    for _ in range(_MAX_BISECTIONS):
-        mid = lo + (hi - lo) / 2
-        if mid in (lo, hi):
-            break
-        if total(mid) <= budget:
-            lo = mid
-        else:
-            hi = mid
-    return np.clip(lo * theta, low, high)
+    @property
+    def total_rank(self) -> int:
+        return sum(self.ranks.values())
+
+    @property
+    def num_parameters(self) -> int:
+        """Trainable LoRA parameters: a rank of a d_out x d_in matrix costs d_out + d_in."""
+        return sum(r * sum(self.shapes[name]) for name, r in self.ranks.items())
+
+    def uniform_parameters(self, rank: int | None = None) -> int:
+        """Trainable parameters of uniform LoRA with ``rank`` (default: the average rank)."""
+        rank = self.config.avg_rank if rank is None else rank
+        return sum(rank * (d_out + d_in) for d_out, d_in in self.shapes.values())
+
+    def to_lora_config(
+        self, base: peft.LoraConfig | None = None, alpha_policy: str = "scale"
+    ) -> peft.LoraConfig:
+        """A peft LoraConfig with one anchored ``rank_pattern``/``alpha_pattern`` key per module."""
+        from senslora.peft_bridge import build_lora_config
+
+        return build_lora_config(self, base, alpha_policy=alpha_policy)
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a model whose modules differ from the ones this allocation was made for."""
+        from senslora.serialization import check_model_matches
+
+        check_model_matches(self, model)
+
+    def save(self, path: str, *, alphas: Mapping[str, float] | None = None) -> None:
+        """Write ``allocation.json`` atomically (see `senslora.serialization`)."""
+        from senslora.serialization import save_allocation
+
+        save_allocation(self, path, alphas=alphas)
+
+    @classmethod
+    def load(cls, path: str) -> Allocation:
+        from senslora.serialization import load_allocation
+
+        return load_allocation(path)
 
 
-def _hand_out(ranks, order, budget, high, cost) -> None:
-    """Give +1 to the matrices in ``order`` while the budget lasts, cycling; in place."""
-    left = budget - _spent(ranks, cost)
-    while left > 0:
-        given = False
-        for i in order:
-            if ranks[i] < high[i] and cost[i] <= left:
-                ranks[i] += 1
-                left -= int(cost[i])
-                given = True
-        if not given:
-            return
+def module_metrics(
+    stats: Mapping[str, ModuleStats], config: AllocationConfig
+) -> dict[str, dict[str, float]]:
+    """Trace (eq. 8), Top-k mean (eq. 9) and effective rank (eq. 10) of every module.
+
+    With the diagonal spectrum, the modules whose column values have one shape (length and
+    multiplicity) are done together (`metrics.spectrum_metrics_rows`); anything else module by
+    module.
+    """
+    stats = _column_values_on_cpu(stats)
+    table = _column_metrics_by_shape(stats, config) if config.spectrum == "diagonal" else {}
+    for name, s in stats.items():
+        if name in table:
+            continue
+        values, multiplicity = s.spectrum("diagonal")
+        values = metrics.make_nonnegative(values, config.negative)
+        k = metrics.top_k_count(s.num_entries, config.top_k_fraction)
+        alpha = config.effective_rank_threshold
+        if config.spectrum == "eigenvalues":
+            er_values, er_multiplicity = s.spectrum("eigenvalues")
+            trace = metrics.trace(values, multiplicity)
+            top_k_mean = metrics.top_k_mean(values, multiplicity, k=k)
+            effective_rank = metrics.effective_rank(er_values, er_multiplicity, alpha=alpha)
+        else:  # one validation and one sort per matrix
+            trace, top_k_mean, effective_rank = metrics.spectrum_metrics(
+                values, multiplicity, k=k, alpha=alpha
+            )
+        table[name] = {
+            "trace": trace,
+            "top_k_mean": top_k_mean,
+            "effective_rank": float(effective_rank),
+        }
+    return {name: table[name] for name in stats}
 
 
-def scaled_rank_allocation(
-    theta,
-    budget: int,
+def _column_metrics_by_shape(
+    stats: Mapping[str, ModuleStats], config: AllocationConfig
+) -> dict[str, dict[str, float]]:
+    """The metrics of every module with column values, one NumPy pass per shape."""
+    groups: dict[tuple, list[str]] = {}
+    for name, s in stats.items():
+        if s.column_values is not None:
+            key = (s.column_values.numel(), s.shape.out_features, s.column_values.dtype)
+            groups.setdefault(key, []).append(name)
+    table = {}
+    for (_, multiplicity, _), names in groups.items():
+        rows = torch.stack([stats[n].column_values.reshape(-1) for n in names])
+        rows = metrics.make_nonnegative(rows, config.negative)
+        k = metrics.top_k_count(stats[names[0]].num_entries, config.top_k_fraction)
+        traces, top_k_means, effective_ranks = metrics.spectrum_metrics_rows(
+            rows, multiplicity, k=k, alpha=config.effective_rank_threshold
+        )
+        for i, name in enumerate(names):
+            table[name] = {
+                "trace": float(traces[i]),
+                "top_k_mean": float(top_k_means[i]),
+                "effective_rank": float(effective_ranks[i]),
+            }
+    return table
+
+
+def _column_values_on_cpu(stats: Mapping[str, ModuleStats]) -> dict[str, ModuleStats]:
+    """The statistics with their column values gathered on the CPU, in one copy per device.
+
+    The metrics run on the CPU; copying module by module would synchronise with the accelerator
+    once per module (hundreds of times on a large model) instead of once. (Values already on the
+    CPU are gathered too: one small copy, and one code path on every device.)
+    """
+    stats = dict(stats)
+    by_device: dict[torch.device, list[str]] = {}
+    for name, s in stats.items():
+        if s.column_values is not None:
+            by_device.setdefault(s.column_values.device, []).append(name)
+    for names in by_device.values():
+        flat = torch.cat([stats[n].column_values.reshape(-1) for n in names]).cpu()
+        sizes = [stats[n].column_values.numel() for n in names]
+        for name, values in zip(names, flat.split(sizes), strict=True):
+            stats[name] = replace(stats[name], column_values=values)
+    return stats
+
+
+def allocate_ranks(
+    stats: Mapping[str, ModuleStats],
+    config: AllocationConfig | None = None,
     *,
-    min_ranks: IntBounds,
-    max_ranks: IntBounds,
-    costs: IntBounds | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> Allocation:
+    """Per-module ranks from curvature statistics, under the same budget as uniform LoRA."""
+    config = config or AllocationConfig()
+    if not stats:
+        raise ValueError("no statistics to allocate from: the target modules were empty")
+    names = list(stats)
+    table = module_metrics(stats, config)
+    scores = metrics.sensitivity_scores(
+        [table[n]["trace"] for n in names],
+        [table[n]["top_k_mean"] for n in names],
+        [table[n]["effective_rank"] for n in names],
+        score=config.score,
+        weighting=config.weighting,
+    )
+    for i, name in enumerate(names):
+        table[name].update(
+            s_global=float(scores.global_[i]),
+            s_local=float(scores.local[i]),
+            theta=float(scores.theta[i]),
+        )
+    shapes = {n: (stats[n].shape.out_features, stats[n].shape.in_features) for n in names}
+    ranks = _integer_ranks([table[n]["theta"] for n in names], [shapes[n] for n in names], config)
+    return Allocation(
+        ranks=dict(zip(names, ranks, strict=True)),
+        shapes=shapes,
+        metrics=table,
+        weights={k: float(getattr(scores, k)) for k in ("beta1", "beta2", "gamma1", "gamma2")},
+        config=config,
+        provenance=dict(provenance or {}),
+    )
+
+
+def _integer_ranks(
+    theta: list[float], shapes: list[tuple[int, int]], config: AllocationConfig
 ) -> list[int]:
-    """Scaled Rank Allocation (eq. 15): ``r_w = theta_w / sum(theta) * r_total``, as integers.
-
-    Without ``costs`` every rank unit costs 1 and the ranks sum to exactly ``budget``
-    (``r_total``). With ``costs`` (positive ints, e.g. ``d_in + d_out``, the parameters of one
-    rank of a LoRA pair) ``sum(rank * cost) <= budget`` and no single further +1 fits: the
-    budget is a parameter count, e.g. that of uniform LoRA. Always
-    ``min_ranks[i] <= rank[i] <= max_ranks[i]``.
-
-    Continuous step: ``rank = clip(lam * theta, min, max)`` with ``lam`` found by bisection so
-    that the (cost-weighted) sum meets the budget; the surplus of capped matrices goes to the
-    others in proportion to ``theta``. Integer step: floor, then one unit at a time by largest
-    fractional part (ties: larger ``theta``, then lower index), cycling while units remain (e.g.
-    to matrices with ``theta == 0`` once all others are capped), skipping matrices at their max
-    and, with costs, those whose cost no longer fits. All-zero ``theta`` splits uniformly.
-    Among matrices with the same bounds and cost a larger ``theta`` never gets a lower rank.
-
-    Raises ``ValueError`` if ``theta`` is not finite and non-negative, or on infeasible bounds.
-    """
-    theta = _as_theta(theta)
-    n = theta.size
-    budget = operator.index(budget)
-    low, high = _as_bounds(min_ranks, max_ranks, n)
-    cost = np.ones(n, dtype=np.int64) if costs is None else _as_ints(costs, n, "costs", 1)
-    if _spent(low, cost) > budget:
-        raise ValueError(
-            f"min_ranks cost {_spent(low, cost)} ({'ranks' if costs is None else 'parameters'})"
-            f", more than the budget {budget}"
+    caps = [min(d_out, d_in) for d_out, d_in in shapes]
+    max_ranks = [min(c, config.max_rank) if config.max_rank else c for c in caps]
+    min_ranks = [min(config.min_rank, m) for m in max_ranks]
+    n = len(theta)
+    if config.scheme == "pra":
+        if config.budget != "rank":
+            raise ValueError("the PRA scheme supports budget='rank' only")
+        return progressive_rank_allocation(
+            theta,
+            config.avg_rank,
+            num_categories=config.pra_categories,
+            step=config.pra_step,
+            min_ranks=min_ranks,
+            max_ranks=max_ranks,
         )
-    if costs is None and high.sum() < budget:
-        raise ValueError(f"max_ranks sum to {int(high.sum())} < budget {budget}: cannot spend it")
-    weights = theta if theta.any() else np.ones(n)  # all-zero theta: uniform split
-    continuous = _continuous_ranks(weights, budget, low, high, cost)
-    ranks = np.floor(continuous + _FLOOR_TOL).astype(np.int64)
-    if _spent(ranks, cost) > budget:  # only if float noise met the tolerance; never in practice
-        ranks = np.floor(continuous).astype(np.int64)
-    ranks = np.clip(ranks, low, high)
-    fraction = np.round((continuous - ranks).clip(0, 1) / _FLOOR_TOL) * _FLOOR_TOL
-    order = sorted(range(n), key=lambda i: (-fraction[i], -theta[i], i))
-    _hand_out(ranks, order, budget, high, cost)
-    return [int(r) for r in ranks]
-
-
-def progressive_rank_allocation(
-    theta,
-    avg_rank: int,
-    *,
-    num_categories: int = 3,
-    step: int = 1,
-    min_ranks: IntBounds,
-    max_ranks: IntBounds,
-) -> list[int]:
-    """Progressive Rank Allocation (Section 4.4): ranks in levels by the order of ``theta``.
-
-    The matrices, sorted by ``theta`` descending (ties: lower index first), are split into
-    ``num_categories`` groups as equal as possible (earlier groups take the extra, as
-    ``numpy.array_split``); group ``c`` gets ``avg_rank + step * ((num_categories - 1) / 2 - c)``.
-    Then ranks are clipped to the bounds and the total is made exactly
-    ``avg_rank * len(theta)``: while too high, one rank is taken from each matrix in ascending
-    ``theta`` order (not below its min); while too low, one is added in descending order (not
-    above its max). The paper's example: 6 matrices, average 5, 3 categories ->
-    ``6, 6, 5, 5, 4, 4`` in descending ``theta`` order.
-
-    Raises ``ValueError`` when a level is not an integer (``step * (num_categories - 1)`` odd)
-    or when the bounds cannot hold the budget.
-    """
-    theta = _as_theta(theta)
-    n = theta.size
-    avg_rank, step = operator.index(avg_rank), operator.index(step)
-    num_categories = operator.index(num_categories)
-    if avg_rank < 0 or step < 0 or num_categories < 1:
+    if config.budget == "rank":
+        budget = config.avg_rank * n
+        if budget < sum(min_ranks) or budget > sum(max_ranks):
+            raise ValueError(
+                f"rank budget {budget} (avg_rank {config.avg_rank} x {n} matrices) cannot be met "
+                f"with ranks between min {sum(min_ranks)} and max {sum(max_ranks)} in total"
+            )
+        return scaled_rank_allocation(theta, budget, min_ranks=min_ranks, max_ranks=max_ranks)
+    costs = [d_out + d_in for d_out, d_in in shapes]
+    budget = sum(min(config.avg_rank, cap) * c for cap, c in zip(caps, costs, strict=True))
+    needed = sum(m * c for m, c in zip(min_ranks, costs, strict=True))
+    if needed > budget:
         raise ValueError(
-            "avg_rank and step must be >= 0 and num_categories >= 1, got "
-            f"avg_rank={avg_rank}, step={step}, num_categories={num_categories}"
+            f"parameter budget {budget} (uniform LoRA r={config.avg_rank}) is below the {needed} "
+            f"parameters that min_rank={config.min_rank} on every matrix costs"
         )
-    if step * (num_categories - 1) % 2:
-        raise ValueError(
-            f"levels avg_rank + step * ((num_categories - 1) / 2 - c) are not integers for "
-            f"step={step} and num_categories={num_categories}: with an even number of "
-            "categories the step must be even"
-        )
-    low, high = _as_bounds(min_ranks, max_ranks, n)
-    target = avg_rank * n
-    if low.sum() > target or high.sum() < target:
-        raise ValueError(
-            f"bounds cannot hold the budget {target} (= {avg_rank} x {n} matrices): "
-            f"min_ranks sum to {int(low.sum())}, max_ranks to {int(high.sum())}"
-        )
-    order = sorted(range(n), key=lambda i: (-theta[i], i))  # descending theta
-    ranks = np.zeros(n, dtype=np.int64)
-    half_span = step * (num_categories - 1) // 2
-    for c, group in enumerate(np.array_split(np.asarray(order), num_categories)):
-        ranks[group] = avg_rank + half_span - step * c
-    ranks = np.clip(ranks, low, high)
-    while ranks.sum() > target:
-        for i in reversed(order):
-            if ranks.sum() > target and ranks[i] > low[i]:
-                ranks[i] -= 1
-    while ranks.sum() < target:
-        for i in order:
-            if ranks.sum() < target and ranks[i] < high[i]:
-                ranks[i] += 1
-    return [int(r) for r in ranks]
+    return scaled_rank_allocation(
+        theta, budget, min_ranks=min_ranks, max_ranks=max_ranks, costs=costs
+    )

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from senslora.allocator import Allocation
+from senslora.allocation import Allocation
 from senslora.files import atomic_path
 from senslora.report import layer_totals
 

@@ -30,7 +30,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from senslora.statistics import ModuleStats
+from senslora.stats import ModuleStats
 
 __all__ = [
     "all_reduce_statistics",

@@ -19,7 +19,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 if TYPE_CHECKING:  # pragma: no cover
-    from senslora.allocator import Allocation
+    from senslora.allocation import Allocation
 
 ALPHA_POLICIES = ("scale", "rslora", "constant")
 

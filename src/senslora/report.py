@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from senslora.allocator import Allocation
+from senslora.allocation import Allocation
 from senslora.files import atomic_path
 
 _LAYER = re.compile(r"^(?:(?P<prefix>.*?)\.)?(?P<index>\d+)\.(?P<kind>.+)$")

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from senslora.allocator import METRIC_KEYS, Allocation
+from senslora.allocation import METRIC_KEYS, Allocation
 from senslora.config import AllocationConfig
 from senslora.files import write_text_atomic
 from senslora.targets import is_adaptable, layer_shape

@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from senslora.config import positive_int
 from senslora.data.assets import rotten_tomatoes_path
 from senslora.data.wikipedia import wikipedia_paragraphs
 
@@ -36,11 +37,6 @@ logger = logging.getLogger(__name__)
 
 LOCAL_EXTENSIONS = (".txt", ".jsonl", ".csv", ".tsv", ".parquet")
 _PREFERRED_TEXT_FIELDS = ("text", "sentence")
-
-
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _non_empty_str(name: str, value: object) -> None:
@@ -74,7 +70,7 @@ class CalibrationConfig:
     def __post_init__(self) -> None:
         _non_empty_str("source", self.source)
         for name in ("num_samples", "seq_len", "batch_size", "min_tokens"):
-            _positive_int(name, getattr(self, name))
+            positive_int(name, getattr(self, name))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.text_field is not None:
@@ -281,7 +277,7 @@ def sample_texts(texts: Sequence[str], num_samples: int, seed: int) -> list[str]
 
     With fewer texts than ``num_samples``, all of them are returned, shuffled, with a warning.
     """
-    _positive_int("num_samples", num_samples)
+    positive_int("num_samples", num_samples)
     if len(texts) < num_samples:
         logger.warning(
             "only %d calibration texts for num_samples=%d: using all of them",

@@ -14,7 +14,7 @@ from senslora.estimators.gradients import (
     collect_fisher_statistics,
     collect_hutchinson_statistics,
 )
-from senslora.statistics import ModuleStats
+from senslora.stats import ModuleStats
 from senslora.targets import TargetSpec, find_target_modules
 
 ESTIMATORS = ("activation", "fisher", "hutchinson")

@@ -23,7 +23,7 @@ from senslora.batches import (
     to_device,
     token_mask,
 )
-from senslora.statistics import ModuleStats
+from senslora.stats import ModuleStats
 from senslora.targets import layer_shape
 
 

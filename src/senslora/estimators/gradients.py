@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from senslora.batches import Batch, LossFn, input_device, split_samples, to_device
-from senslora.statistics import ModuleStats
+from senslora.stats import ModuleStats
 from senslora.targets import layer_shape
 
 

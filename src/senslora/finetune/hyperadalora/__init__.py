@@ -1,6 +1,6 @@
 """HyperAdaLoRA: AdaLoRA whose factors P, Lambda, Q come from an attention hypernetwork."""
 
-from senslora.hyperadalora.adapter import (
+from senslora.finetune.hyperadalora.adapter import (
     HyperAdaLora,
     HyperAdaLoraCallback,
     find_controller,
@@ -9,7 +9,7 @@ from senslora.hyperadalora.adapter import (
     materialise,
     scale_ranks,
 )
-from senslora.hyperadalora.hypernet import HyperNetwork, TokenLayout, token_layout
+from senslora.finetune.hyperadalora.hypernet import HyperNetwork, TokenLayout, token_layout
 
 __all__ = [
     "HyperAdaLora",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from senslora.tasks.base import (
+from senslora.finetune.tasks.base import (
     SUBSET_SEED,
     ClassificationTask,
     Example,
@@ -23,9 +23,9 @@ from senslora.tasks.base import (
     GenerationTask,
     select_subset,
 )
-from senslora.tasks.classification import load_local_classification, load_rotten_tomatoes
-from senslora.tasks.generation import load_instruction_jsonl, load_wikipedia_lead
-from senslora.tasks.glue import GLUE_TASKS, load_glue
+from senslora.finetune.tasks.classification import load_local_classification, load_rotten_tomatoes
+from senslora.finetune.tasks.generation import load_instruction_jsonl, load_wikipedia_lead
+from senslora.finetune.tasks.glue import GLUE_TASKS, load_glue
 
 __all__ = [
     "KNOWN_TASKS",
@@ -83,8 +83,8 @@ def load_task(
 
     ``train_limit`` / ``dev_limit`` keep that many examples of the train split and of each dev
     split, chosen with ``seed`` and kept in their original order (see
-    :func:`senslora.tasks.base.select_subset`). ``seed`` is the *subset* seed: leave it at 0,
-    independent of the training seed, so that every method and every training seed sees the
+    :func:`senslora.finetune.tasks.base.select_subset`). ``seed`` is the *subset* seed: leave it
+    at 0, independent of the training seed, so that every method and every training seed sees the
     same examples. ``text_field`` / ``label_field`` apply to ``csv:`` and ``jsonl:`` only.
 
     Raises FileNotFoundError for a missing file or folder, ValueError for an unknown task or

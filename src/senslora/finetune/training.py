@@ -1,7 +1,8 @@
 """One fine-tuning run with transformers' Trainer: method x task x seed -> results.json.
 
 The Trainer brings accelerate, torchrun (DDP) and DeepSpeed unchanged, checkpointing every epoch
-and resume. This module knows nothing of sensitivity: `senslora.methods` builds the peft model.
+and resume. This module knows nothing of sensitivity: `senslora.finetune.methods` builds the peft
+model.
 """
 
 from __future__ import annotations
@@ -28,21 +29,26 @@ from transformers import (
 )
 
 from senslora import __version__
-from senslora.config import TrainConfig
 from senslora.data import CalibrationConfig, calibration_batches
-from senslora.encoding import encode_classification, encode_generation, pad_left, prompt_ids
-from senslora.evaluation import classification_metrics, generation_metrics
 from senslora.files import write_text_atomic
-from senslora.hyperadalora import HyperAdaLoraCallback, find_controller, materialise
-from senslora.methods import (
+from senslora.finetune.config import TrainConfig
+from senslora.finetune.encoding import (
+    encode_classification,
+    encode_generation,
+    pad_left,
+    prompt_ids,
+)
+from senslora.finetune.evaluation import classification_metrics, generation_metrics
+from senslora.finetune.hyperadalora import HyperAdaLoraCallback, find_controller, materialise
+from senslora.finetune.methods import (
     AdaLoraCallback,
     adalora_ranks,
     prepare_model,
     trainable_parameters,
 )
+from senslora.finetune.tasks import load_task
 from senslora.models import load_model, load_tokenizer, resolve_device, resolve_model_path
 from senslora.serialization import load_allocation
-from senslora.tasks import load_task
 
 logger = logging.getLogger(__name__)
 RESULTS = "results.json"

@@ -13,8 +13,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from senslora.config import TrainConfig
 from senslora.files import write_text_atomic
+from senslora.finetune.config import TrainConfig
 from senslora.report import plot_ranks, rank_table
 from senslora.serialization import load_allocation
 
@@ -39,7 +39,7 @@ METHODS = ("lora", "senslora")
 def run_demo(
     out: str | Path, *, quick: bool = False, overwrite: bool = False, console: Console | None = None
 ) -> dict[str, dict]:
-    from senslora.training import run_training
+    from senslora.finetune.training import run_training
 
     console = console or Console()
     out = Path(out)

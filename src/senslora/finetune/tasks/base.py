@@ -91,7 +91,7 @@ class ClassificationTask:
     num_labels: int
     """Number of classes; 1 means regression (STS-B)."""
     metrics: tuple[str, ...]
-    """Metric names of :mod:`senslora.evaluation`, e.g. ('accuracy', 'f1')."""
+    """Metric names of :mod:`senslora.finetune.evaluation`, e.g. ('accuracy', 'f1')."""
     main_metric: str
     """The metric tables report; 'combined' is the mean of 'pearson' and 'spearman'."""
     label_names: tuple[str, ...] | None

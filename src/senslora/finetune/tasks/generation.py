@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from senslora.data.wikipedia import read_wikipedia_articles
-from senslora.tasks.base import (
+from senslora.finetune.tasks.base import (
     GenerationExample,
     GenerationTask,
     RowTally,

@@ -6,7 +6,7 @@ and a label column (``label_field``, default 'label'). Labels that are all non-n
 integers are used as class indices; otherwise every label is read as a string and the sorted
 unique strings of train and dev together become classes 0, 1, ... (``label_names``). The dev
 split is ``<stem>.dev.<ext>`` or ``dev.<ext>`` beside the file when one exists, else a fixed
-hash split of 10% of the rows (by text, see :func:`senslora.tasks.base.hash_split`).
+hash split of 10% of the rows (by text, see :func:`senslora.finetune.tasks.base.hash_split`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 from senslora.data.assets import rotten_tomatoes_path
-from senslora.tasks.base import (
+from senslora.finetune.tasks.base import (
     ClassificationTask,
     Example,
     RowTally,

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import TrainerCallback
 
-from senslora.hyperadalora.budget import Importance, budget_at, top_budget_mask
-from senslora.hyperadalora.hypernet import HyperNetwork, TokenLayout
+from senslora.finetune.hyperadalora.budget import Importance, budget_at, top_budget_mask
+from senslora.finetune.hyperadalora.hypernet import HyperNetwork, TokenLayout
 from senslora.peft_bridge import pattern_key
 
 ORTH_REG_WEIGHT = 0.1  # peft AdaLoraConfig.orth_reg_weight

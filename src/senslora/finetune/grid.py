@@ -30,8 +30,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from senslora.config import TrainConfig
 from senslora.files import write_text_atomic
+from senslora.finetune.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 SPEC_KEYS = {"out", "methods", "tasks", "seeds", "defaults", "overrides", "selection"}

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from senslora.tasks.base import ClassificationTask, Example, RowTally
+from senslora.finetune.tasks.base import ClassificationTask, Example, RowTally
 
 __all__ = ["GLUE_TASKS", "HUB_DATASET", "GlueSpec", "load_glue", "normalize_glue_name"]
 
