@@ -71,14 +71,14 @@ def check_factor_shapes(model, ranks: dict[str, int]) -> None:
 
 def test_generated_factors_have_the_initial_rank_shapes():
     result = prepared()
-    ranks = result.notes["init_ranks"]
+    ranks = result.report["init_ranks"]
     assert len(ranks) == 12 and set(ranks.values()) == {3}  # AdaLoRA init: max(2 + 1, 3)
     check_factor_shapes(result.model, ranks)
 
 
 def test_senslora_start_gives_scaled_non_uniform_ranks():
     result = prepared(hyperadalora_init="senslora")
-    start, ranks = result.notes["senslora_ranks"], result.notes["init_ranks"]
+    start, ranks = result.report["senslora_ranks"], result.report["init_ranks"]
     assert sum(start.values()) == 2 * 12
     assert len(set(ranks.values())) > 1
     assert all(ranks[n] == min(-(-start[n] * 3 // 2), 16) for n in start)
@@ -118,7 +118,7 @@ def test_trainable_parameters_are_the_hypernetwork_and_the_head():
     head = model.get_base_model().classifier.modules_to_save["default"]
     expected = trainable_parameters(controller) + sum(p.numel() for p in head.parameters())
     assert trainable_parameters(model) == expected
-    assert result.notes["hypernetwork_parameters"] == trainable_parameters(controller)
+    assert result.report["hypernetwork_parameters"] == trainable_parameters(controller)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert all("hyperadalora" in n or "classifier.modules_to_save" in n for n in names)
     assert not any("lora_" in n for n, _ in model.named_parameters())

@@ -56,8 +56,10 @@ def test_rank_table_has_a_row_per_layer():
 def test_training_allocation_logs_the_note(caplog, monkeypatch):
     """On statistics with two dominant inputs (as SmolLM2's down_proj gives), the allocation that
     training makes warns."""
-    from senslora.finetune import methods
+    from senslora import pipeline
     from senslora.finetune.config import TrainConfig
+    from senslora.finetune.methods import METHODS, RunContext
+    from senslora.pipeline import Calibration
 
     stats = {}
     for i in range(16):
@@ -69,10 +71,18 @@ def test_training_allocation_logs_the_note(caplog, monkeypatch):
             column_values=values,
             num_tokens=10,
         )
-    monkeypatch.setattr(methods, "collect_statistics", lambda *args, **kwargs: stats)
-    config = TrainConfig(method="senslora", task="rotten_tomatoes", avg_rank=4)
+    monkeypatch.setattr(pipeline, "collect_statistics", lambda *args, **kwargs: stats)
+    context = RunContext(
+        config=TrainConfig(method="senslora", task="rotten_tomatoes", avg_rank=4),
+        task_type="SEQ_CLS",
+        targets=list(stats),
+        total_steps=10,
+        calibration_batches=lambda: [],
+        calibration=Calibration(description="none"),
+        train_batches=lambda: [],
+    )
     with caplog.at_level(logging.WARNING, logger="senslora.finetune.methods"):
-        result = methods._senslora_allocation(None, config, list(stats), lambda: [], "senslora")
+        result = METHODS["senslora"].allocate(torch.nn.Linear(2, 2), context)
     assert result.ranks["layers.0.fc"] > 20
     assert "3 of 16 matrices hold" in caplog.text
     assert "layers.0.fc" in caplog.text

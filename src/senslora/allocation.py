@@ -75,12 +75,6 @@ class Allocation:
 
         save_allocation(self, path, alphas=alphas)
 
-    @classmethod
-    def load(cls, path: str) -> Allocation:
-        from senslora.serialization import load_allocation
-
-        return load_allocation(path)
-
 
 def module_metrics(
     stats: Mapping[str, ModuleStats], config: AllocationConfig

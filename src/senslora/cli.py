@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import time
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from senslora import __version__
-from senslora.finetune.config import METHODS, TrainConfig
+from senslora.finetune.config import TrainConfig, default_of, help_of
 
 app = typer.Typer(
     help="Sensitivity-LoRA: per-module LoRA ranks from second-order sensitivity, as a peft "
@@ -124,105 +121,121 @@ def allocate(
     Under torchrun or accelerate launch each process calibrates on its share of the batches and
     the statistics are summed; rank 0 alone prints and writes (docs/distributed.md).
     """
+    from senslora import AllocationConfig
+    from senslora.config import check_choice
+    from senslora.data import CalibrationConfig
     from senslora.distributed import launched_process_group
+    from senslora.estimators import ESTIMATORS
+    from senslora.models import resolve_dtype
+    from senslora.peft_bridge import ALPHA_POLICIES
 
-    options = dict(locals())
-    try:
+    try:  # every option is checked before anything is loaded
+        config = AllocationConfig(
+            avg_rank=avg_rank,
+            budget=budget,
+            scheme=scheme,
+            score=score,
+            min_rank=min_rank,
+            max_rank=max_rank,
+            weighting=weighting,
+            top_k_fraction=top_k_fraction,
+            effective_rank_threshold=effective_rank_threshold,
+            spectrum=spectrum,
+        )
+        calibration = CalibrationConfig(
+            source=calib,
+            num_samples=num_samples,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            seed=seed,
+            text_field=text_field,
+        )
+        check_choice("estimator", estimator, ESTIMATORS)
+        check_choice("alpha_policy", alpha_policy, ALPHA_POLICIES)
+        resolve_dtype(dtype)
+        _refuse_existing(out, OUTPUT_NAMES, overwrite)
         with launched_process_group(device) as rank:
-            _allocate(**options, main_process=rank == 0)
+            _allocate(
+                config,
+                calibration,
+                out=out,
+                model=model,
+                estimator=estimator,
+                targets=targets,
+                num_probes=num_probes,
+                lora_alpha=lora_alpha,
+                alpha_policy=alpha_policy,
+                device=device,
+                device_map=device_map,
+                dtype=dtype,
+                main_process=rank == 0,
+            )
     except USER_ERRORS as error:
         fail(str(error))
     except FloatingPointError as error:
         fail(str(error))
 
 
-def _allocate(**options) -> None:
-    import peft
-
-    from senslora import AllocationConfig, allocate_ranks, collect_statistics
-    from senslora.data import CalibrationConfig, calibration_batches, count_tokens, describe_source
-    from senslora.models import load_model, load_tokenizer, resolve_model_path
-    from senslora.peft_bridge import lora_alphas
-    from senslora.report import concentration_note, rank_table
-
-    out: Path = options["out"]
-    main_process = options.get("main_process", True)
-    say = console if main_process else Console(quiet=True)  # rank 0 alone prints
-    existing = [name for name in OUTPUT_NAMES if (out / name).exists()]
-    if existing and not options["overwrite"]:
+def _refuse_existing(out: Path | None, names: tuple[str, ...], overwrite: bool) -> None:
+    existing = [name for name in names if out is not None and (out / name).exists()]
+    if existing and not overwrite:
         raise ValueError(
             f"{out} already holds {', '.join(existing)}; pass --overwrite to replace it"
         )
-    model_path = resolve_model_path(options["model"])
-    config = AllocationConfig(
-        avg_rank=options["avg_rank"],
-        budget=options["budget"],
-        scheme=options["scheme"],
-        score=options["score"],
-        min_rank=options["min_rank"],
-        max_rank=options["max_rank"],
-        weighting=options["weighting"],
-        top_k_fraction=options["top_k_fraction"],
-        effective_rank_threshold=options["effective_rank_threshold"],
-        spectrum=options["spectrum"],
-    )
-    calibration = CalibrationConfig(
-        source=options["calib"],
-        num_samples=options["num_samples"],
-        seq_len=options["seq_len"],
-        batch_size=options["batch_size"],
-        seed=options["seed"],
-        text_field=options["text_field"],
-    )
-    targets = options["targets"]
-    if "," in targets:
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
 
+
+def _allocate(
+    config,
+    calibration,
+    *,
+    out: Path,
+    model: str | None,
+    estimator: str,
+    targets: str,
+    num_probes: int,
+    lora_alpha: float | None,
+    alpha_policy: str,
+    device: str,
+    device_map: str | None,
+    dtype: str,
+    main_process: bool,
+) -> None:
+    import peft
+
+    from senslora import allocate_ranks
+    from senslora.data import calibration_batches
+    from senslora.models import load_model, load_tokenizer, resolve_model_path
+    from senslora.peft_bridge import lora_alphas
+    from senslora.pipeline import Calibration, calibrate
+    from senslora.report import concentration_note, rank_table
+
+    say = console if main_process else Console(quiet=True)  # rank 0 alone prints
+    model_path = resolve_model_path(model)
     say.print(f"model [bold]{model_path}[/], calibration [bold]{calibration.source}[/]")
-    model = load_model(
-        model_path,
-        device=options["device"],
-        dtype=options["dtype"],
-        device_map=options.get("device_map"),
-    )
+    loaded = load_model(model_path, device=device, dtype=dtype, device_map=device_map)
     batches = calibration_batches(load_tokenizer(model_path), calibration)
-    start = time.perf_counter()
-    stats = collect_statistics(
-        model,
-        tracked(batches, f"calibrating ({options['estimator']})") if main_process else batches,
-        estimator=options["estimator"],
-        targets=targets,
-        num_probes=options["num_probes"],
-        seed=options["seed"],
+    calibrated = calibrate(
+        loaded,
+        batches,
+        estimator=estimator,
+        targets=_target_spec(targets),
         keep_gram=config.spectrum == "eigenvalues",
+        num_probes=num_probes,
+        seed=calibration.seed,
+        model_path=model_path,
+        calibration=Calibration(config=calibration),
+        progress=(lambda b: tracked(b, f"calibrating ({estimator})")) if main_process else None,
     )
-    seconds = time.perf_counter() - start
-    provenance = {
-        "model": model_path,
-        "model_class": type(model).__name__,
-        "calibration": describe_source(calibration.source, split=calibration.split),
-        "calibration_config": dataclasses.asdict(calibration),
-        "num_sequences": sum(len(b["input_ids"]) for b in batches),
-        "num_tokens": count_tokens(batches),
-        "estimator": options["estimator"],
-        "targets": options["targets"],
-        "senslora_version": __version__,
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "calibration_seconds": round(seconds, 3),
-        "world_size": _world_size(),
-    }
-    allocation = allocate_ranks(stats, config, provenance=provenance)
+    allocation = calibrated.allocate(config)
     variants = {
-        score: allocate_ranks(stats, dataclasses.replace(config, score=score))
+        score: allocate_ranks(calibrated.stats, dataclasses.replace(config, score=score))
         for score in ("global", "topk", "effective_rank")
     }
     variants["combined"] = allocation
 
-    alpha = options["lora_alpha"] or 2.0 * config.avg_rank
-    base = peft.LoraConfig(r=config.avg_rank, lora_alpha=alpha)
-    policy = options["alpha_policy"]
-    lora_config = allocation.to_lora_config(base, alpha_policy=policy)
-    alphas = lora_alphas(allocation.ranks, base, policy)
+    base = peft.LoraConfig(r=config.avg_rank, lora_alpha=lora_alpha or 2.0 * config.avg_rank)
+    lora_config = allocation.to_lora_config(base, alpha_policy=alpha_policy)
+    alphas = lora_alphas(allocation.ranks, base, alpha_policy)
     if main_process:
         _write_outputs(out, allocation, lora_config, alphas, variants)
 
@@ -230,11 +243,19 @@ def _allocate(**options) -> None:
     note = concentration_note(allocation)
     if note:
         say.print(f"[bold yellow]note:[/] {note}", highlight=False)
+    provenance = calibrated.provenance
     say.print(
         f"calibration + metrics on {provenance['num_tokens']:,} tokens "
-        f"({provenance['num_sequences']} sequences): {seconds:.1f} s"
+        f"({provenance['num_sequences']} sequences): {provenance['calibration_seconds']:.1f} s"
     )
     say.print(f"wrote {', '.join(str(out / name) for name in OUTPUT_NAMES)}")
+
+
+def _target_spec(targets: str) -> str | list[str]:
+    """all-linear, a regex, or a comma-separated list of module names."""
+    if "," in targets:
+        return [t.strip() for t in targets.split(",") if t.strip()]
+    return targets
 
 
 def _write_outputs(out: Path, allocation, lora_config, alphas, variants) -> None:
@@ -247,12 +268,6 @@ def _write_outputs(out: Path, allocation, lora_config, alphas, variants) -> None
         lora_config.save_pretrained(tmp)
         allocation.save(str(tmp / "allocation.json"), alphas=alphas)
         plot_ranks(variants, tmp / "ranks.png")
-
-
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 COMPARE_NAMES = ("comparison.json", "comparison.png")
@@ -284,10 +299,7 @@ def _compare(first: Path, second: Path, out: Path | None, overwrite: bool) -> No
     from senslora.files import staged_outputs
     from senslora.serialization import load_allocation
 
-    if out is not None:
-        existing = [name for name in COMPARE_NAMES if (out / name).exists()]
-        if existing and not overwrite:
-            raise ValueError(f"{out} already holds {', '.join(existing)}; pass --overwrite")
+    _refuse_existing(out, COMPARE_NAMES, overwrite)
     a, b = load_allocation(first), load_allocation(second)
     result = compare_allocations(a, b)
     table = Table(title=f"{first} (A) vs {second} (B): {result.num_modules} modules")
@@ -315,56 +327,73 @@ def _compare(first: Path, second: Path, out: Path | None, overwrite: bool) -> No
     console.print(f"wrote {', '.join(str(out / name) for name in COMPARE_NAMES)}")
 
 
-def _train_config(**options) -> TrainConfig:
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in options.items() if k in known and v is not None})
+def _train_option(name: str, **kwargs):
+    """A `senslora train` option whose default and help are TrainConfig's."""
+    return typer.Option(default_of(name), help=help_of(name), **kwargs)
 
 
 @app.command()
 def train(
-    method: str = typer.Option("senslora", help=" | ".join(METHODS)),
-    task: str = typer.Option(
-        "glue:rte",
-        help="glue:<cola|sst2|mrpc|qqp|stsb|mnli|qnli|rte|wnli>, rotten_tomatoes, "
-        "csv:PATH, jsonl:PATH, gen:PATH or wikipedia_lead.",
-    ),
-    glue_dir: str = typer.Option(None, help="Folder in the glue_data layout (else the hub)."),
-    model: str = typer.Option(None, help="Model id, folder, or minilm (default) / smollm2."),
-    avg_rank: int = typer.Option(4, help="Average rank per matrix, the same for every method."),
-    lora_alpha: float = typer.Option(None, help="alpha of uniform LoRA (default 2 x avg-rank)."),
-    epochs: int = typer.Option(3, help="Training epochs (the paper uses 10)."),
-    batch_size: int = typer.Option(32),
-    learning_rate: float = typer.Option(5e-4),
-    max_length: int = typer.Option(128, help="Max tokens per example (dynamic padding)."),
-    train_limit: int = typer.Option(None, help="Fixed subset of the training set."),
-    dev_limit: int = typer.Option(None, help="Fixed subset of the dev set."),
-    calib: str = typer.Option(
-        "wikipedia", help="Calibration text for senslora ('task': the task's own training texts)."
-    ),
-    calib_samples: int = typer.Option(128, help="Calibration sequences (senslora methods)."),
-    calib_seq_len: int = typer.Option(128, help="Max tokens per calibration sequence."),
-    max_rank: int = typer.Option(None, help="senslora: cap on the rank of any one matrix."),
-    budget: str = typer.Option(
-        "rank", help="senslora: rank (LoRA's total rank) | parameters (LoRA's parameter count)."
-    ),
-    eval_steps: int = typer.Option(
-        0, help="Evaluate every N optimizer steps (0: every epoch); all go to results.json."
-    ),
-    hyperadalora_init: str = typer.Option(
-        "uniform", help="hyperadalora's initial ranks: uniform | senslora (from sensitivity)."
-    ),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto"),
+    method: str = _train_option("method"),
+    task: str = _train_option("task"),
+    glue_dir: str = _train_option("glue_dir"),
+    model: str = _train_option("model"),
+    avg_rank: int = _train_option("avg_rank"),
+    lora_alpha: float = _train_option("lora_alpha"),
+    epochs: int = _train_option("epochs"),
+    batch_size: int = _train_option("batch_size"),
+    learning_rate: float = _train_option("learning_rate"),
+    max_length: int = _train_option("max_length"),
+    train_limit: int = _train_option("train_limit"),
+    dev_limit: int = _train_option("dev_limit"),
+    calib: str = _train_option("calib"),
+    calib_samples: int = _train_option("calib_samples"),
+    calib_seq_len: int = _train_option("calib_seq_len"),
+    estimator: str = _train_option("estimator"),
+    max_rank: int = _train_option("max_rank"),
+    budget: str = _train_option("budget"),
+    eval_steps: int = _train_option("eval_steps"),
+    hyperadalora_init: str = _train_option("hyperadalora_init"),
+    seed: int = _train_option("seed"),
+    device: str = _train_option("device"),
+    dtype: str = _train_option("dtype"),
     out: Path = typer.Option(..., help="Run folder: results.json, adapter/, allocation.json."),
     overwrite: bool = typer.Option(False, help="Redo a finished run."),
+    verbose: bool = typer.Option(
+        False, help="Show the Trainer's own progress bars and logs and the libraries' warnings."
+    ),
 ) -> None:
     """Fine-tune one method on one task and evaluate every epoch (or every --eval-steps)."""
     from senslora.finetune.grid import adapter_parameters
     from senslora.finetune.training import run_training
 
     try:
-        config = _train_config(**locals())
-        results = run_training(config, out, overwrite=overwrite)
+        config = TrainConfig(
+            method=method,
+            task=task,
+            glue_dir=glue_dir,
+            model=model,
+            avg_rank=avg_rank,
+            lora_alpha=lora_alpha,
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            max_length=max_length,
+            train_limit=train_limit,
+            dev_limit=dev_limit,
+            calib=calib,
+            calib_samples=calib_samples,
+            calib_seq_len=calib_seq_len,
+            estimator=estimator,
+            max_rank=max_rank,
+            budget=budget,
+            eval_steps=eval_steps,
+            hyperadalora_init=hyperadalora_init,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+        )
+        results = run_training(config, out, overwrite=overwrite, verbose=verbose)
     except USER_ERRORS as error:
         fail(str(error))
     main = results["main_metric"]
@@ -379,6 +408,9 @@ def train(
 def bench(
     spec: Path = typer.Argument(..., help="TOML spec: methods x tasks x seeds (see docs)."),
     only_summary: bool = typer.Option(False, help="Aggregate finished runs, run nothing."),
+    verbose: bool = typer.Option(
+        False, help="Show the Trainer's own progress bars and logs and the libraries' warnings."
+    ),
 ) -> None:
     """Run a methods x tasks x seeds grid (resumable) and write results.md / results.json."""
     from senslora.finetune.grid import load_spec, run_bench, write_summary
@@ -389,7 +421,9 @@ def bench(
         if only_summary:
             write_summary(bench_spec)
         else:
-            counts = run_bench(bench_spec, lambda config, out: run_training(config, out))
+            counts = run_bench(
+                bench_spec, lambda config, out: run_training(config, out, verbose=verbose)
+            )
             console.print(f"ran {counts['ran']} runs, {counts['skipped']} already finished")
     except USER_ERRORS as error:
         fail(str(error))
@@ -401,12 +435,15 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Output folder."),
     quick: bool = typer.Option(False, help="A tiny version for smoke tests (seconds)."),
     overwrite: bool = typer.Option(False, help="Redo finished runs."),
+    verbose: bool = typer.Option(
+        False, help="Show the Trainer's own progress bars and logs and the libraries' warnings."
+    ),
 ) -> None:
     """The main job: allocate on the Wikipedia sample, fine-tune lora and senslora with the same
     budget on rotten_tomatoes with the shipped MiniLM, and compare."""
     from senslora.finetune.demo import run_demo
 
     try:
-        run_demo(out, quick=quick, overwrite=overwrite, console=console)
+        run_demo(out, quick=quick, overwrite=overwrite, console=console, verbose=verbose)
     except USER_ERRORS as error:
         fail(str(error))

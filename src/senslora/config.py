@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Literal, get_args
 
-SCHEMES = ("sra", "pra")
-BUDGETS = ("rank", "parameters")
-SCORES = ("combined", "global", "local", "topk", "effective_rank")
-WEIGHTINGS = ("std", "equal")
-SPECTRA = ("diagonal", "eigenvalues")
-NEGATIVE_MODES = ("abs", "clamp")
+Scheme = Literal["sra", "pra"]
+Budget = Literal["rank", "parameters"]
+Score = Literal["combined", "global", "local", "topk", "effective_rank"]
+Weighting = Literal["std", "equal"]
+Spectrum = Literal["diagonal", "eigenvalues"]
+NegativeMode = Literal["abs", "clamp"]
+
+# The allowed values of each choice, declared once above and read everywhere from here.
+SCHEMES: tuple[str, ...] = get_args(Scheme)
+BUDGETS: tuple[str, ...] = get_args(Budget)
+SCORES: tuple[str, ...] = get_args(Score)
+WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
+SPECTRA: tuple[str, ...] = get_args(Spectrum)
+NEGATIVE_MODES: tuple[str, ...] = get_args(NegativeMode)
 
 
 @dataclass(frozen=True)
@@ -23,26 +31,26 @@ class AllocationConfig:
 
     avg_rank: int = 4
     """Average rank per adapted matrix; the budget is avg_rank x matrices (uniform LoRA r)."""
-    budget: str = "rank"
+    budget: Budget = "rank"
     """'rank': ranks sum exactly to avg_rank x matrices (the paper). 'parameters': at most the
     trainable parameters of uniform LoRA r=avg_rank (a rank of a d_out x d_in matrix costs
     d_out + d_in)."""
-    scheme: str = "sra"
+    scheme: Scheme = "sra"
     """'sra': ranks proportional to theta (eq. 15). 'pra': progressive levels around the average
     by theta order (Section 4.4)."""
-    score: str = "combined"
+    score: Score = "combined"
     """What ranks are proportional to: 'combined' theta (eq. 14), or the ablations 'global' (trace
     only), 'local' (eq. 12 only), 'topk', 'effective_rank'."""
-    weighting: str = "std"
+    weighting: Weighting = "std"
     """Combination weights: 'std' = sigma/mu^2 (eqs. 11, 13) or 'equal' = 0.5/mu (Appendix B.1)."""
     top_k_fraction: float = 0.5
     """k of the Top-k metric as a fraction of the matrix's N diagonal entries (eq. 9)."""
     effective_rank_threshold: float = 0.85
     """alpha of the effective-rank metric: cumulative share to reach (eq. 10)."""
-    spectrum: str = "diagonal"
+    spectrum: Spectrum = "diagonal"
     """Entries the effective rank counts: 'diagonal' of the Hessian (default) or 'eigenvalues' of
     2XX^T (activation estimator with keep_gram=True)."""
-    negative: str = "abs"
+    negative: NegativeMode = "abs"
     """Negative Hessian-diagonal entries (Hutchinson): 'abs' or 'clamp' to zero."""
     min_rank: int = 1
     """Smallest rank of any matrix; 0 lets a matrix go without an adapter."""
@@ -62,9 +70,7 @@ class AllocationConfig:
             ("spectrum", SPECTRA),
             ("negative", NEGATIVE_MODES),
         ):
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+            check_choice(name, getattr(self, name), allowed)
         positive_int("avg_rank", self.avg_rank)
         positive_int("pra_categories", self.pra_categories)
         positive_int("pra_step", self.pra_step)
@@ -104,3 +110,9 @@ class AllocationConfig:
 def positive_int(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    """Raise ValueError unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

@@ -1,12 +1,15 @@
-"""Writing files so that a failure never leaves a half-written result behind."""
+"""Reading JSON Lines, and writing files so that a failure never leaves a half-written result
+behind."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -84,3 +87,22 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    """``(line number, object, problem)`` for every non-blank line of a JSON Lines file: the
+    object and None, or None and what is wrong with the line (invalid JSON, not an object).
+    Callers decide whether a bad line is an error or a row to count and skip."""
+    with path.open(encoding="utf-8-sig") as stream:
+        for number, line in enumerate(stream, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                yield number, None, f"invalid JSON ({error.msg} at character {error.pos})"
+                continue
+            if isinstance(record, dict):
+                yield number, record, None
+            else:
+                yield number, None, type(record).__name__

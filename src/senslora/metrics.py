@@ -31,10 +31,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from senslora.config import NEGATIVE_MODES, SCORES, WEIGHTINGS, check_choice
+
 __all__ = [
     "EFFECTIVE_RANK_RTOL",
-    "SCORES",
-    "WEIGHTINGS",
     "SensitivityScores",
     "combination_weight",
     "effective_rank",
@@ -54,13 +54,6 @@ total`` counts as reaching it. Without it, float rounding of ``alpha * total`` w
 exact cases: ``0.28 * 25`` is ``7.000000000000001`` in float64, so 25 unit entries would need
 8 entries to reach 28 % of their sum instead of 7."""
 
-SCORES = ("combined", "global", "local", "topk", "effective_rank")
-"""What ``theta`` can be in :func:`sensitivity_scores`."""
-
-WEIGHTINGS = ("std", "equal")
-"""How :func:`combination_weight` weighs a metric."""
-
-_NONNEGATIVE_MODES = ("abs", "clamp")
 
 
 def _as_float64(values: torch.Tensor | np.ndarray | Sequence[float]) -> np.ndarray:
@@ -294,12 +287,9 @@ def make_nonnegative(values: torch.Tensor, mode: str = "abs") -> torch.Tensor:
 
     Returns a tensor of the input's dtype and device; NaN stays NaN (the metrics reject it).
     """
+    check_choice("mode", mode, NEGATIVE_MODES)
     values = torch.as_tensor(values)
-    if mode == "abs":
-        return values.abs()
-    if mode == "clamp":
-        return values.clamp(min=0)
-    raise ValueError(f"mode must be one of {_NONNEGATIVE_MODES}, got {mode!r}")
+    return values.abs() if mode == "abs" else values.clamp(min=0)
 
 
 def _as_metric_array(values, name: str) -> np.ndarray:
@@ -328,8 +318,7 @@ def combination_weight(metric_values, weighting: str = "std") -> float:
     Either way ``weight * metric`` does not change when the metric is scaled by a constant.
     Returns 0.0 when ``mu == 0``: a metric that is zero everywhere carries no information.
     """
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    check_choice("weighting", weighting, WEIGHTINGS)
     array = _as_metric_array(metric_values, "metric_values")
     mu = float(array.mean())
     if mu == 0.0:
@@ -377,8 +366,7 @@ def sensitivity_scores(
     ``weighting`` is passed to :func:`combination_weight` for all four weights, which are
     reported whatever ``score`` is.
     """
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    check_choice("score", score, SCORES)
     global_ = _as_metric_array(traces, "traces")
     top_k = _as_metric_array(top_k_means, "top_k_means")
     eff_rank = _as_metric_array(effective_ranks, "effective_ranks")

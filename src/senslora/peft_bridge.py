@@ -12,6 +12,7 @@ import dataclasses
 import math
 import re
 import warnings
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import peft
@@ -27,6 +28,14 @@ ALPHA_POLICIES = ("scale", "rslora", "constant")
 def pattern_key(module_name: str) -> str:
     """The anchored, escaped regex that matches exactly one full module name."""
     return f"^{re.escape(module_name)}$"
+
+
+def lora_patterns(
+    ranks: Mapping[str, int], alphas: Mapping[str, float]
+) -> tuple[dict[str, int], dict[str, float]]:
+    """peft's ``rank_pattern`` and ``alpha_pattern``: one `pattern_key` per module."""
+    rank_pattern = {pattern_key(name): rank for name, rank in ranks.items()}
+    return rank_pattern, {pattern_key(name): alpha for name, alpha in alphas.items()}
 
 
 def lora_alphas(
@@ -65,12 +74,12 @@ def build_lora_config(
     ranks = {name: rank for name, rank in allocation.ranks.items() if rank > 0}
     if not ranks:
         raise ValueError("every module has rank 0: there is nothing to adapt")
-    alphas = lora_alphas(ranks, base, alpha_policy)
+    rank_pattern, alpha_pattern = lora_patterns(ranks, lora_alphas(ranks, base, alpha_policy))
     return dataclasses.replace(
         base,
         target_modules=list(ranks),
-        rank_pattern={pattern_key(name): rank for name, rank in ranks.items()},
-        alpha_pattern={pattern_key(name): alpha for name, alpha in alphas.items()},
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
         use_rslora=base.use_rslora or alpha_policy == "rslora",
     )
 

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from senslora.config import SPECTRA, check_choice
 from senslora.targets import LayerShape
-
-SPECTRA = ("diagonal", "eigenvalues")
 
 
 @dataclass
@@ -61,8 +60,7 @@ class ModuleStats:
         Hessian is I_{d_out} ⊗ 2·XXᵀ, so each eigenvalue also repeats d_out times); it needs
         statistics collected with ``keep_gram=True``.
         """
-        if kind not in SPECTRA:
-            raise ValueError(f"spectrum must be one of {SPECTRA}, got {kind!r}")
+        check_choice("spectrum", kind, SPECTRA)
         if kind == "eigenvalues":
             if self.gram is None:
                 raise ValueError(

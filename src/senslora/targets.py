@@ -20,11 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
-
-try:  # transformers is a hard dependency, but keep the module importable without it for tests
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = ()  # type: ignore[assignment,misc]
+from transformers.pytorch_utils import Conv1D
 
 TargetSpec = str | Sequence[str]
 

@@ -8,7 +8,6 @@ arguments.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import random
 from collections.abc import Callable, Sequence
@@ -22,6 +21,7 @@ import torch
 from senslora.config import positive_int
 from senslora.data.assets import rotten_tomatoes_path
 from senslora.data.wikipedia import wikipedia_paragraphs
+from senslora.files import jsonl_records
 
 __all__ = [
     "BUILTIN_SOURCES",
@@ -140,23 +140,10 @@ def _frame_texts(frame: pd.DataFrame, text_field: str | None, where: str) -> lis
 
 def _read_jsonl(path: Path) -> pd.DataFrame:
     records = []
-    with path.open(encoding="utf-8") as stream:
-        for number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(
-                    f"{path}:{number}: expected one JSON object per line, found invalid JSON "
-                    f"({error.msg} at character {error.pos})"
-                ) from None
-            if not isinstance(record, dict):
-                raise ValueError(
-                    f"{path}:{number}: expected one JSON object per line, "
-                    f"found {type(record).__name__}"
-                )
-            records.append(record)
+    for number, record, problem in jsonl_records(path):
+        if problem is not None:
+            raise ValueError(f"{path}:{number}: expected one JSON object per line, found {problem}")
+        records.append(record)
     return pd.DataFrame.from_records(records)
 
 

@@ -371,7 +371,7 @@ def collect_activation_statistics(
     shapes = {name: layer_shape(module) for name, module in modules.items()}
     sums = state.sums.module_sums(
         {
-            name: (shapes[name].in_features, _module_device(module, device))
+            name: (shapes[name].in_features, module_device(module, device))
             for name, module in modules.items()
         }
     )
@@ -423,12 +423,6 @@ class _HookState:
         pending, self._pending, self._pending_bytes = self._pending, [], 0
         if pending:
             self.sums.flush(pending)
-
-
-def _module_device(module: nn.Module, fallback: torch.device) -> torch.device:
-    """Where the module's inputs arrive: its weight's device, or for a weight offloaded by
-    accelerate (meta device) the execution device of its hook."""
-    return module_device(module, fallback)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):

@@ -1,23 +1,28 @@
-"""Typed, validated configuration of one fine-tuning run."""
+"""Typed, validated configuration of one fine-tuning run.
+
+Each field's default and help text are declared here once; `senslora train` reads both from
+here (`default_of`, `help_of`), so changing a default changes the command too.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-from senslora.config import BUDGETS, positive_int
+import torch
 
-METHODS = (
-    "lora",
-    "senslora",
-    "senslora-global",
-    "senslora-local",
-    "senslora-pra",
-    "adalora",
-    "hyperadalora",
-    "eva",
-)
+from senslora.config import BUDGETS, check_choice, positive_int
+from senslora.estimators import ESTIMATORS
+from senslora.finetune.methods import METHODS
+from senslora.finetune.tasks import parse_task_spec
+from senslora.models import DTYPES
+
 HYPERADALORA_INITS = ("uniform", "senslora")
+
+
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with its command-line help text."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -25,68 +30,83 @@ class TrainConfig:
     """One fine-tuning run: method x task x seed. Defaults follow the paper (Appendix A.2) where
     they fit a CPU: AdamW, lr 5e-4, batch 32, average rank 4; fewer epochs than the paper's 10."""
 
-    method: str = "senslora"
-    """lora | senslora | senslora-global | senslora-local | senslora-pra | adalora |
-    hyperadalora | eva."""
-    task: str = "glue:rte"
-    """Task spec: glue:<task>, rotten_tomatoes, csv:PATH, jsonl:PATH, gen:PATH, wikipedia_lead."""
-    model: str | None = None
-    """Model id, folder or built-in name (minilm, smollm2); None: the shipped MiniLM."""
-    glue_dir: str | None = None
-    """Folder in the glue_data layout; None reads GLUE from the Hugging Face hub."""
-    avg_rank: int = 4
-    """Average rank per adapted matrix, the same for every method (rank budget)."""
-    lora_alpha: float | None = None
-    """lora_alpha of uniform LoRA; None: 2 x avg_rank. Other methods keep the same alpha/r."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA input."""
-    targets: str = "all-linear"
-    """Adapted modules: all-linear, comma-separated names, or a regex."""
-    learning_rate: float = 5e-4
-    epochs: int = 3
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    max_length: int = 128
-    """Max tokens per example (dynamic padding to the longest in each batch)."""
-    warmup_ratio: float = 0.06
-    weight_decay: float = 0.01
-    seed: int = 0
-    train_limit: int | None = None
-    """Use a fixed subset of this many training examples (the same subset for every seed)."""
-    dev_limit: int | None = None
-    calib: str = "wikipedia"
-    """Calibration source for senslora methods ('task' = the task's own training texts)."""
-    calib_samples: int = 128
-    calib_seq_len: int = 128
-    estimator: str = "activation"
-    max_rank: int | None = None
-    """senslora methods: cap on the rank of any one matrix (None: min(d_in, d_out))."""
-    budget: str = "rank"
-    """senslora methods: 'rank' (the total rank of uniform LoRA) or 'parameters' (at most uniform
-    LoRA's parameter count)."""
-    adalora_init_rank: int | None = None
-    """AdaLoRA's initial rank; None: 1.5 x avg_rank (it prunes down to avg_rank on average).
-    HyperAdaLoRA's too (its init factor is adalora_init_rank / avg_rank)."""
-    hyperadalora_init: str = "uniform"
-    """HyperAdaLoRA's initial ranks: 'uniform' (AdaLoRA's initial rank everywhere) or
-    'senslora' (the senslora allocation times the init factor; same target budget)."""
-    hyperadalora_width: int = 32
-    """Width of HyperAdaLoRA's hypernetwork tokens (a multiple of 4, its attention heads)."""
-    hyperadalora_residual: bool = True
-    """Add a free per-module residual to the generated P and Q (lambda stays generated)."""
-    eval_steps: int = 0
-    """0: evaluate every epoch; N > 0: every N optimizer steps and at the end (results.json
-    'evals' holds every evaluation with its step; train losses are then logged every N steps)."""
-    eva_rho: float = 2.0
-    """EVA's rank redistribution factor (max rank = rho x avg_rank)."""
-    max_new_tokens: int = 48
-    """Generation tasks: greedy decoding length on the dev set."""
-    device: str = "auto"
-    dtype: str = "float32"
+    method: str = option("senslora", " | ".join(METHODS))
+    task: str = option(
+        "glue:rte",
+        "glue:<cola|sst2|mrpc|qqp|stsb|mnli|qnli|rte|wnli>, rotten_tomatoes, csv:PATH, "
+        "jsonl:PATH, gen:PATH or wikipedia_lead.",
+    )
+    model: str | None = option(
+        None, "Model id, folder, or a built-in: minilm (default), smollm2."
+    )
+    glue_dir: str | None = option(
+        None, "Folder in the glue_data layout (default: GLUE from the Hugging Face hub)."
+    )
+    avg_rank: int = option(4, "Average rank per adapted matrix, the same for every method.")
+    lora_alpha: float | None = option(
+        None, "alpha of uniform LoRA (default 2 x avg-rank); other methods keep the same alpha/r."
+    )
+    lora_dropout: float = option(0.0, "Dropout on the LoRA input.")
+    targets: str = option(
+        "all-linear", "Adapted modules: all-linear, comma-separated names, or a regex."
+    )
+    learning_rate: float = option(5e-4, "Peak learning rate (AdamW, linear schedule).")
+    epochs: int = option(3, "Training epochs (the paper uses 10).")
+    batch_size: int = option(32, "Training batch size per device.")
+    eval_batch_size: int = option(64, "Evaluation batch size per device.")
+    max_length: int = option(128, "Max tokens per example (dynamic padding per batch).")
+    warmup_ratio: float = option(0.06, "Share of the steps with a linear warm-up.")
+    weight_decay: float = option(0.01, "AdamW weight decay.")
+    seed: int = option(0, "Training seed (also the seed of the calibration sample).")
+    train_limit: int | None = option(
+        None, "Fixed subset of this many training examples (the same for every seed)."
+    )
+    dev_limit: int | None = option(None, "Fixed subset of this many dev examples.")
+    calib: str = option(
+        "wikipedia",
+        "Calibration text of the sensitivity methods: wikipedia, rotten_tomatoes, a local file, "
+        "a hub dataset, or 'task' (the task's own training texts).",
+    )
+    calib_samples: int = option(128, "Calibration sequences (sensitivity methods).")
+    calib_seq_len: int = option(128, "Max tokens per calibration sequence.")
+    estimator: str = option("activation", " | ".join(ESTIMATORS) + " (sensitivity methods).")
+    max_rank: int | None = option(
+        None, "Sensitivity methods: cap on the rank of any one matrix (default min(d_in, d_out))."
+    )
+    budget: str = option(
+        "rank",
+        "Sensitivity methods: rank (the total rank of uniform LoRA) | parameters (at most "
+        "uniform LoRA's parameter count).",
+    )
+    adalora_init_rank: int | None = option(
+        None, "AdaLoRA's and HyperAdaLoRA's initial rank (default 1.5 x avg-rank)."
+    )
+    hyperadalora_init: str = option(
+        "uniform",
+        "HyperAdaLoRA's initial ranks: uniform | senslora (the senslora allocation x the init "
+        "factor; same target budget).",
+    )
+    hyperadalora_width: int = option(
+        32, "Width of HyperAdaLoRA's hypernetwork tokens (a multiple of 4, its attention heads)."
+    )
+    hyperadalora_residual: bool = option(
+        True, "Add a free per-module residual to HyperAdaLoRA's generated P and Q."
+    )
+    eval_steps: int = option(
+        0, "Evaluate every N optimizer steps (0: every epoch); all go to results.json."
+    )
+    eva_rho: float = option(2.0, "EVA's rank redistribution factor (max rank = rho x avg rank).")
+    max_new_tokens: int = option(48, "Generation tasks: greedy decoding length on the dev set.")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N.")
+    dtype: str = option("float32", " | ".join(DTYPES) + ".")
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        check_choice("method", self.method, tuple(METHODS))
+        check_choice("estimator", self.estimator, ESTIMATORS)
+        check_choice("budget", self.budget, BUDGETS)
+        check_choice("dtype", self.dtype, tuple(DTYPES))
+        check_choice("hyperadalora_init", self.hyperadalora_init, HYPERADALORA_INITS)
+        parse_task_spec(self.task)
         for name in (
             "avg_rank",
             "epochs",
@@ -102,19 +122,24 @@ class TrainConfig:
         for name in ("train_limit", "dev_limit", "adalora_init_rank", "max_rank"):
             if getattr(self, name) is not None:
                 positive_int(name, getattr(self, name))
+        self._check_numbers()
+        if not isinstance(self.calib, str) or not self.calib.strip():
+            raise ValueError(f"calib must be a non-empty string, got {self.calib!r}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(
+                    f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}"
+                ) from None
+
+    def _check_numbers(self) -> None:
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.budget not in BUDGETS:
-            raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.hyperadalora_init not in HYPERADALORA_INITS:
-            raise ValueError(
-                f"hyperadalora_init must be one of {HYPERADALORA_INITS}, "
-                f"got {self.hyperadalora_init!r}"
-            )
         if self.hyperadalora_width % 4:
             raise ValueError(
                 f"hyperadalora_width must be a multiple of 4, got {self.hyperadalora_width}"
@@ -135,3 +160,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def default_of(name: str) -> Any:
+    """The default of TrainConfig field ``name``."""
+    default = _FIELDS[name].default
+    return None if default is MISSING else default
+
+
+def help_of(name: str) -> str:
+    """The help text of TrainConfig field ``name``."""
+    return _FIELDS[name].metadata["help"]

@@ -37,7 +37,12 @@ METHODS = ("lora", "senslora")
 
 
 def run_demo(
-    out: str | Path, *, quick: bool = False, overwrite: bool = False, console: Console | None = None
+    out: str | Path,
+    *,
+    quick: bool = False,
+    overwrite: bool = False,
+    console: Console | None = None,
+    verbose: bool = False,
 ) -> dict[str, dict]:
     from senslora.finetune.training import run_training
 
@@ -58,7 +63,7 @@ def run_demo(
             f"({base.train_limit} examples, {base.epochs} epochs)"
         )
         results[method] = run_training(
-            dataclasses.replace(base, method=method), run_dir, overwrite=overwrite
+            dataclasses.replace(base, method=method), run_dir, overwrite=overwrite, verbose=verbose
         )
     allocation = load_allocation(out / "senslora" / "allocation.json")
     console.print(rank_table(allocation, title="Sensitivity-LoRA ranks (Wikipedia calibration)"))
@@ -93,10 +98,17 @@ def comparison(results: dict[str, dict]) -> tuple[Table, str]:
     lines += [
         "",
         f"Task {first['task']}: {first['num_train']} training examples, "
-        f"dev {first['num_dev']}, {first['config']['epochs']} epochs, average rank "
+        f"dev {_sizes(first['num_dev'])}, {first['config']['epochs']} epochs, average rank "
         f"{first['config']['avg_rank']}, seed {first['config']['seed']}. One seed: a "
         "difference below about one point is within seed noise (see docs/results.md).",
         "",
         "![ranks](ranks.png)",
     ]
     return table, "\n".join(lines) + "\n"
+
+
+def _sizes(num_dev: dict[str, int]) -> str:
+    """``{'dev': 1000}`` -> ``1,000 examples``; several dev splits are named."""
+    if len(num_dev) == 1:
+        return f"{next(iter(num_dev.values())):,} examples"
+    return ", ".join(f"{name} {count:,}" for name, count in num_dev.items())

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from senslora.compare import spearman as rank_correlation
+
 __all__ = [
     "CLASSIFICATION_METRICS",
     "accuracy",
@@ -103,23 +105,12 @@ def pearson(x: Any, y: Any) -> float:
     return float(np.clip(np.sum(x_centered * y_centered) / denominator, -1.0, 1.0))
 
 
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks; tied values share the mean of the ranks they span."""
-    order = np.argsort(values, kind="mergesort")
-    ordered = values[order]
-    starts_group = np.concatenate([[True], ordered[1:] != ordered[:-1]])
-    starts = np.flatnonzero(starts_group)
-    ends = np.concatenate([starts[1:], [len(values)]])
-    group_rank = (starts + ends + 1) / 2.0  # mean of ranks start+1 .. end
-    ranks = np.empty(len(values), dtype=np.float64)
-    ranks[order] = group_rank[np.cumsum(starts_group) - 1]
-    return ranks
-
-
 def spearman(x: Any, y: Any) -> float:
-    """Spearman rank correlation: Pearson of the average ranks; 0.0 when either is constant."""
+    """Spearman rank correlation (average ranks for ties); 0.0 when either side is constant, as
+    the task metrics score a constant prediction."""
     x, y = _finite_pair(x, y)
-    return pearson(_average_ranks(x), _average_ranks(y))
+    value = rank_correlation(x, y)
+    return 0.0 if value is None else value
 
 
 CLASSIFICATION_METRICS: dict[str, Callable[[Any, Any], float]] = {

@@ -1,7 +1,9 @@
-"""The fine-tuning methods behind one interface: base model in, peft model out.
+"""The fine-tuning methods, one object each: base model in, peft model out.
 
-Every method adapts the same modules with the same rank budget (average rank ``avg_rank`` per
-adapted matrix, so the same total rank as uniform LoRA) and the same alpha/r scaling:
+Every method adapts the same modules with the same alpha/r scaling and a budget tied to uniform
+LoRA at the average rank ``avg_rank``. A method is a `Method` in `METHODS`; the training loop
+calls only its interface (`prepare`, `final_ranks`, `finalize`, `checkpoints`), so adding a
+method touches this file (and its test) alone.
 
 - ``lora``: uniform rank;
 - ``senslora`` (+ ``-global``, ``-local``, ``-pra`` ablations): per-module ranks from
@@ -20,162 +22,157 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import peft
 from torch import nn
 from transformers import TrainerCallback
 
-from senslora.allocation import Allocation, allocate_ranks
+from senslora.allocation import Allocation
 from senslora.config import AllocationConfig
-from senslora.estimators import collect_statistics
-from senslora.finetune.config import TrainConfig
 from senslora.finetune.hyperadalora import (
     HyperAdaLora,
+    HyperAdaLoraCallback,
+    find_controller,
     initial_rank,
     install,
+    materialise,
     scale_ranks,
     token_layout,
 )
-from senslora.peft_bridge import pattern_key, verify_ranks
+from senslora.peft_bridge import injected_ranks, lora_patterns, verify_ranks
+from senslora.pipeline import Calibration, allocate_model
 from senslora.report import concentration_note
 from senslora.targets import find_target_modules, layer_shape
 
+if TYPE_CHECKING:  # pragma: no cover
+    from senslora.finetune.config import TrainConfig
+
 logger = logging.getLogger(__name__)
 
-SENSLORA_VARIANTS = {
-    "senslora": {},
-    "senslora-global": {"score": "global"},
-    "senslora-local": {"score": "local"},
-    "senslora-pra": {"scheme": "pra"},
-}
+
+@dataclass
+class RunContext:
+    """What a method may use to prepare a model, all of it from the run."""
+
+    config: TrainConfig
+    task_type: str
+    """peft's task type: 'SEQ_CLS' or 'CAUSAL_LM'."""
+    targets: list[str]
+    """Full names of the modules every method adapts."""
+    total_steps: int
+    calibration_batches: Callable[[], Sequence[dict]]
+    """Unlabelled token batches of ``config.calib`` (what senslora calibrates on)."""
+    calibration: Calibration
+    """Where those batches come from, for the allocation's provenance."""
+    train_batches: Callable[[], Sequence[dict]]
+    """The first batches of the labelled training set (EVA, task-aware estimators)."""
+    model_path: str | None = None
+    saved_allocation: Allocation | None = None
+    """The allocation of an interrupted run, reused when it resumes."""
+
+    def lora_config(self) -> peft.LoraConfig:
+        """Uniform LoRA over exactly ``targets``: the base every method shares."""
+        config = self.config
+        return peft.LoraConfig(
+            r=config.avg_rank,
+            lora_alpha=config.alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=list(self.targets),
+            task_type=self.task_type,
+        )
 
 
-@dataclasses.dataclass
-class PreparedModel:
-    """A peft model ready to train, with what the run report needs."""
+@dataclass
+class Prepared:
+    """A peft model ready to train, and what the run report needs from its method."""
 
     model: Any
-    allocation: Allocation | None
-    notes: dict[str, Any]
+    allocation: Allocation | None = None
+    """Written to the run's allocation.json (and reused on resume)."""
+    callbacks: list[TrainerCallback] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
+    """Method-specific entries of results.json (initial ranks, hypernetwork size, ...)."""
 
 
-def target_names(model: nn.Module, targets: str) -> list[str]:
-    spec: str | list[str] = targets
-    if "," in targets:
-        spec = [t.strip() for t in targets.split(",") if t.strip()]
-    return list(find_target_modules(model, spec))
+class Method:
+    """One fine-tuning method: how it wraps the base model and what it reports."""
+
+    name: ClassVar[str]
+    checkpoints: ClassVar[bool] = True
+    """Whether the Trainer's checkpoints hold all of its trained state (resumable)."""
+
+    def prepare(self, model: nn.Module, ctx: RunContext) -> Prepared:
+        raise NotImplementedError
+
+    def final_ranks(self, prepared: Prepared) -> dict[str, int] | None:
+        """Per-module ranks at the end of training (None: not tracked)."""
+        if prepared.allocation is not None:
+            return prepared.allocation.ranks
+        return injected_ranks(prepared.model)
+
+    def finalize(self, prepared: Prepared) -> None:
+        """Called before the adapter is saved."""
 
 
-def lora_config(config: TrainConfig, names: list[str], task_type: str) -> peft.LoraConfig:
-    """Uniform LoRA over exactly ``names``: the base every method shares."""
-    return peft.LoraConfig(
-        r=config.avg_rank,
-        lora_alpha=config.alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=names,
-        task_type=task_type,
-    )
+class Lora(Method):
+    name = "lora"
+
+    def prepare(self, model, ctx):
+        return Prepared(peft.get_peft_model(model, ctx.lora_config()))
 
 
-def prepare_model(
-    model: nn.Module,
-    config: TrainConfig,
-    *,
-    task_type: str,
-    calibration_batches: Callable[[], Iterable[dict]],
-    train_batches: Callable[[], Iterable[dict]],
-    total_steps: int,
-    allocation: Allocation | None = None,
-) -> PreparedModel:
-    """Wrap ``model`` for ``config.method``; ``allocation`` reuses a saved one (resume)."""
-    names = target_names(model, config.targets)
-    base = lora_config(config, names, task_type)
-    method = config.method
-    if method == "lora":
-        return PreparedModel(peft.get_peft_model(model, base), None, {})
-    if method in SENSLORA_VARIANTS:
-        if allocation is None:
-            allocation = _senslora_allocation(model, config, names, calibration_batches, method)
-        allocation.check_model(model)
-        peft_model = peft.get_peft_model(model, allocation.to_lora_config(base))
-        verify_ranks(peft_model, allocation)
-        return PreparedModel(peft_model, allocation, {})
-    if method == "adalora":
-        return PreparedModel(_adalora(model, config, base, total_steps), None, {})
-    if method == "hyperadalora":
-        return _hyperadalora(
-            model, config, base, names, total_steps, calibration_batches, allocation
+@dataclass(frozen=True)
+class Sensitivity(Method):
+    """Sensitivity-LoRA: ranks from the allocation of ``variant`` (AllocationConfig fields)."""
+
+    name: str = "senslora"
+    variant: tuple[tuple[str, Any], ...] = ()
+
+    def allocation_config(self, config: TrainConfig) -> AllocationConfig:
+        return AllocationConfig(
+            avg_rank=config.avg_rank,
+            max_rank=config.max_rank,
+            budget=config.budget,
+            **dict(self.variant),
         )
-    if method == "eva":
-        return _eva(model, config, base, train_batches)
-    raise ValueError(f"unknown method {method!r}")
+
+    def allocate(self, model: nn.Module, ctx: RunContext) -> Allocation:
+        if ctx.saved_allocation is not None:
+            return ctx.saved_allocation
+        allocation = allocate_model(
+            model,
+            ctx.calibration_batches(),
+            self.allocation_config(ctx.config),
+            estimator=ctx.config.estimator,
+            targets=ctx.targets,
+            seed=ctx.config.seed,
+            model_path=ctx.model_path,
+            calibration=ctx.calibration,
+        )
+        note = concentration_note(allocation)
+        if note:
+            logger.warning(note)
+        return allocation
+
+    def prepare(self, model, ctx):
+        allocation = self.allocate(model, ctx)
+        allocation.check_model(model)
+        peft_model = peft.get_peft_model(model, allocation.to_lora_config(ctx.lora_config()))
+        verify_ranks(peft_model, allocation)
+        return Prepared(peft_model, allocation)
 
 
-def _senslora_allocation(model, config: TrainConfig, names, calibration_batches, variant: str):
-    stats = collect_statistics(
-        model, calibration_batches(), estimator=config.estimator, targets=names
-    )
-    alloc_config = AllocationConfig(
-        avg_rank=config.avg_rank,
-        max_rank=config.max_rank,
-        budget=config.budget,
-        **SENSLORA_VARIANTS[variant],
-    )
-    allocation = allocate_ranks(stats, alloc_config, provenance={"calib": config.calib})
-    note = concentration_note(allocation)
-    if note:
-        logger.warning(note)
-    return allocation
+class AdaLoraCallback(TrainerCallback):
+    """Calls AdaLoRA's ``update_and_allocate`` after every optimizer step, before the gradients
+    are zeroed (it scores parameters with them). Without it AdaLoRA silently trains at its
+    initial rank."""
 
-
-def _hyperadalora(
-    model, config: TrainConfig, base, names, total_steps, calibration_batches, allocation
-) -> PreparedModel:
-    """LoRA at the initial ranks (scaling alpha/avg_rank everywhere), its lora_A / lora_B then
-    replaced by the hypernetwork's generated factors."""
-    schedule = adalora_schedule(total_steps)
-    modules = dict(model.named_modules())
-    geometry = {n: layer_shape(modules[n]) for n in names}
-    shapes = {n: (g.out_features, g.in_features) for n, g in geometry.items()}
-    caps = {n: min(shape) for n, shape in shapes.items()}
-    init_r = config.adalora_init_rank or initial_rank(config.avg_rank)
-    start = None
-    if config.hyperadalora_init == "senslora":
-        if allocation is None:
-            allocation = _senslora_allocation(model, config, names, calibration_batches, "senslora")
-        start = allocation.ranks
-        ranks = scale_ranks(start, init_r / config.avg_rank, caps)
-    else:
-        ranks = {n: min(init_r, caps[n]) for n in names}
-    layout = token_layout(ranks, shapes)
-    scaling = config.alpha / config.avg_rank
-    lora = dataclasses.replace(
-        base,
-        target_modules=list(layout.names),
-        rank_pattern={pattern_key(n): r for n, r in zip(layout.names, layout.ranks, strict=True)},
-        alpha_pattern={
-            pattern_key(n): r * scaling for n, r in zip(layout.names, layout.ranks, strict=True)
-        },
-    )
-    peft_model = peft.get_peft_model(model, lora)
-    reference = next(model.parameters())
-    controller = HyperAdaLora(
-        layout,
-        schedule,
-        target_budget=min(config.avg_rank * len(names), layout.num_tokens),
-        total_steps=total_steps,
-        width=config.hyperadalora_width,
-        residual=config.hyperadalora_residual,
-    ).to(reference.device)
-    install(peft_model, controller, scaling)
-    notes = {
-        "init_ranks": dict(zip(layout.names, layout.ranks, strict=True)),
-        "senslora_ranks": start,
-        "hypernetwork_parameters": trainable_parameters(controller),
-    }
-    return PreparedModel(peft_model, None, notes)
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        unwrapped = getattr(model, "module", model)  # DDP wraps the model
+        unwrapped.base_model.update_and_allocate(state.global_step)
 
 
 def adalora_schedule(total_steps: int) -> dict[str, int]:
@@ -190,59 +187,158 @@ def adalora_schedule(total_steps: int) -> dict[str, int]:
     return {"tinit": tinit, "tfinal": tfinal, "deltaT": max(1, total_steps // 100)}
 
 
-def _adalora(model, config: TrainConfig, base: peft.LoraConfig, total_steps: int):
-    init_r = config.adalora_init_rank or initial_rank(config.avg_rank)
-    ada = peft.AdaLoraConfig(
-        init_r=init_r,
-        target_r=config.avg_rank,
-        lora_alpha=config.alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=base.target_modules,
-        task_type=base.task_type,
-        total_step=total_steps,
-        **adalora_schedule(total_steps),
+class AdaLora(Method):
+    name = "adalora"
+
+    def prepare(self, model, ctx):
+        config, base = ctx.config, ctx.lora_config()
+        ada = peft.AdaLoraConfig(
+            init_r=config.adalora_init_rank or initial_rank(config.avg_rank),
+            target_r=config.avg_rank,
+            lora_alpha=config.alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=base.target_modules,
+            task_type=base.task_type,
+            total_step=ctx.total_steps,
+            **adalora_schedule(ctx.total_steps),
+        )
+        return Prepared(peft.get_peft_model(model, ada), callbacks=[AdaLoraCallback()])
+
+    def final_ranks(self, prepared):
+        """Current ranks of an AdaLoRA model: non-zero singular values per module."""
+        ranks = {}
+        for name, module in prepared.model.get_base_model().named_modules():
+            lora_e = getattr(module, "lora_E", None)
+            if lora_e is not None and "default" in lora_e:
+                ranks[name] = int((lora_e["default"].detach() != 0).sum())
+        return ranks
+
+
+class HyperAdaLoraMethod(Method):
+    """LoRA at the initial ranks (scaling alpha/avg_rank everywhere), its lora_A / lora_B then
+    replaced by the hypernetwork's generated factors."""
+
+    name = "hyperadalora"
+    checkpoints = False  # the hypernetwork is not part of a peft checkpoint: a rerun restarts
+
+    def prepare(self, model, ctx):
+        config = ctx.config
+        modules = dict(model.named_modules())
+        geometry = {n: layer_shape(modules[n]) for n in ctx.targets}
+        shapes = {n: (g.out_features, g.in_features) for n, g in geometry.items()}
+        caps = {n: min(shape) for n, shape in shapes.items()}
+        init_r = config.adalora_init_rank or initial_rank(config.avg_rank)
+        start = None
+        if config.hyperadalora_init == "senslora":
+            start = METHODS["senslora"].allocate(model, ctx).ranks
+            ranks = scale_ranks(start, init_r / config.avg_rank, caps)
+        else:
+            ranks = {n: min(init_r, caps[n]) for n in ctx.targets}
+        layout = token_layout(ranks, shapes)
+        scaling = config.alpha / config.avg_rank
+        layout_ranks = dict(zip(layout.names, layout.ranks, strict=True))
+        rank_pattern, alpha_pattern = lora_patterns(
+            layout_ranks, {n: r * scaling for n, r in layout_ranks.items()}
+        )
+        lora = dataclasses.replace(
+            ctx.lora_config(),
+            target_modules=list(layout.names),
+            rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern,
+        )
+        peft_model = peft.get_peft_model(model, lora)
+        controller = HyperAdaLora(
+            layout,
+            adalora_schedule(ctx.total_steps),
+            target_budget=min(config.avg_rank * len(ctx.targets), layout.num_tokens),
+            total_steps=ctx.total_steps,
+            width=config.hyperadalora_width,
+            residual=config.hyperadalora_residual,
+        ).to(next(model.parameters()).device)
+        install(peft_model, controller, scaling)
+        report = {
+            "init_ranks": layout_ranks,
+            "senslora_ranks": start,
+            "hypernetwork_parameters": trainable_parameters(controller),
+        }
+        return Prepared(peft_model, callbacks=[HyperAdaLoraCallback()], report=report)
+
+    def final_ranks(self, prepared):
+        return find_controller(prepared.model).ranks()
+
+    def finalize(self, prepared):
+        materialise(prepared.model)  # a plain LoRA adapter of the kept components
+
+
+class Eva(Method):
+    """peft's EVA: SVD of the activations of the first training batches initialises lora_A and
+    redistributes the ranks (same total)."""
+
+    name = "eva"
+
+    def prepare(self, model, ctx):
+        eva_config = dataclasses.replace(
+            ctx.lora_config(),
+            init_lora_weights="eva",
+            eva_config=peft.EvaConfig(rho=ctx.config.eva_rho),
+        )
+        peft_model = peft.get_peft_model(model, eva_config, low_cpu_mem_usage=True)
+        # EVA runs the model on input_ids / attention_mask only
+        inputs = [
+            {k: v for k, v in b.items() if k in ("input_ids", "attention_mask")}
+            for b in ctx.train_batches()
+        ]
+        peft.initialize_lora_eva_weights(peft_model, inputs)
+        return Prepared(peft_model)
+
+
+def prepare_model(
+    model: nn.Module,
+    config: TrainConfig,
+    *,
+    task_type: str,
+    calibration_batches: Callable[[], Sequence[dict]],
+    train_batches: Callable[[], Sequence[dict]],
+    total_steps: int,
+    calibration: Calibration | None = None,
+) -> Prepared:
+    """``model`` wrapped by ``config.method`` outside a training run (the run builds the same
+    `RunContext` from its task)."""
+    context = RunContext(
+        config=config,
+        task_type=task_type,
+        targets=target_names(model, config.targets),
+        total_steps=total_steps,
+        calibration_batches=calibration_batches,
+        calibration=calibration or Calibration(description="user batches"),
+        train_batches=train_batches,
     )
-    return peft.get_peft_model(model, ada)
-
-
-def _eva(model, config: TrainConfig, base: peft.LoraConfig, train_batches) -> PreparedModel:
-    eva_config = dataclasses.replace(
-        base, init_lora_weights="eva", eva_config=peft.EvaConfig(rho=config.eva_rho)
-    )
-    peft_model = peft.get_peft_model(model, eva_config, low_cpu_mem_usage=True)
-    peft.initialize_lora_eva_weights(peft_model, _model_inputs(train_batches()))
-    ranks = {
-        name: int(module.r["default"])
-        for name, module in peft_model.get_base_model().named_modules()
-        if isinstance(module, peft.tuners.lora.LoraLayer) and "default" in module.r
-    }
-    return PreparedModel(peft_model, None, {"eva_ranks": ranks})
-
-
-def _model_inputs(batches: Iterable[dict]) -> list[dict]:
-    """EVA runs the model on input_ids/attention_mask only."""
-    return [{k: v for k, v in b.items() if k in ("input_ids", "attention_mask")} for b in batches]
-
-
-class AdaLoraCallback(TrainerCallback):
-    """Calls AdaLoRA's ``update_and_allocate`` after every optimizer step, before the gradients
-    are zeroed (it scores parameters with them). Without it AdaLoRA silently trains at its
-    initial rank."""
-
-    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        unwrapped = getattr(model, "module", model)  # DDP wraps the model
-        unwrapped.base_model.update_and_allocate(state.global_step)
-
-
-def adalora_ranks(model) -> dict[str, int]:
-    """Current ranks of an AdaLoRA model: non-zero singular values per module."""
-    ranks = {}
-    for name, module in model.get_base_model().named_modules():
-        lora_e = getattr(module, "lora_E", None)
-        if lora_e is not None and "default" in lora_e:
-            ranks[name] = int((lora_e["default"].detach() != 0).sum())
-    return ranks
+    return METHODS[config.method].prepare(model, context)
 
 
 def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def target_names(model: nn.Module, targets: str) -> list[str]:
+    """Full names of the modules to adapt: all-linear, comma-separated names, or a regex."""
+    spec: str | list[str] = targets
+    if "," in targets:
+        spec = [t.strip() for t in targets.split(",") if t.strip()]
+    return list(find_target_modules(model, spec))
+
+
+METHODS: dict[str, Method] = {
+    method.name: method
+    for method in (
+        Lora(),
+        Sensitivity(),
+        Sensitivity("senslora-global", (("score", "global"),)),
+        Sensitivity("senslora-local", (("score", "local"),)),
+        Sensitivity("senslora-pra", (("scheme", "pra"),)),
+        AdaLora(),
+        HyperAdaLoraMethod(),
+        Eva(),
+    )
+}
+"""Every fine-tuning method by name, in the order tables list them."""

@@ -14,6 +14,7 @@ import os
 import resource
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ import torch
 from transformers import (
     DataCollatorForSeq2Seq,
     DataCollatorWithPadding,
+    PrinterCallback,
+    ProgressCallback,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -39,15 +42,11 @@ from senslora.finetune.encoding import (
     prompt_ids,
 )
 from senslora.finetune.evaluation import classification_metrics, generation_metrics
-from senslora.finetune.hyperadalora import HyperAdaLoraCallback, find_controller, materialise
-from senslora.finetune.methods import (
-    AdaLoraCallback,
-    adalora_ranks,
-    prepare_model,
-    trainable_parameters,
-)
+from senslora.finetune.methods import METHODS, RunContext, target_names, trainable_parameters
+from senslora.finetune.progress import RichProgress, quiet_libraries
 from senslora.finetune.tasks import load_task
 from senslora.models import load_model, load_tokenizer, resolve_device, resolve_model_path
+from senslora.pipeline import Calibration
 from senslora.serialization import load_allocation
 
 logger = logging.getLogger(__name__)
@@ -99,19 +98,80 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     return outputs
 
 
+@dataclass
+class LoadedRun:
+    """The task, tokenizer, model and encoded data of one run, before any method touches it."""
+
+    task: Any
+    model_path: str
+    tokenizer: Any
+    model: Any
+    train_set: list
+    eval_sets: dict[str, list]
+    collator: Any
+    steps_per_epoch: int
+
+    @property
+    def generation(self) -> bool:
+        return self.task.kind == "generation"
+
+
 def run_training(
-    config: TrainConfig, out_dir: str | Path, *, overwrite: bool = False, progress: bool = True
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune, evaluate every epoch and write ``out_dir/results.json`` (atomically) and the
-    final adapter in ``out_dir/adapter``. An interrupted run resumes from its last checkpoint."""
+    final adapter in ``out_dir/adapter``. An interrupted run resumes from its last checkpoint; a
+    run that fails before its first checkpoint leaves no folder behind.
+
+    ``progress`` shows one progress bar (loss, latest dev metric); ``verbose`` shows the
+    Trainer's own bars and logs and the libraries' warnings instead."""
     out_dir = Path(out_dir)
     if (out_dir / RESULTS).exists():
         if not overwrite:
             raise ValueError(f"{out_dir} already holds {RESULTS}; pass --overwrite to redo it")
         shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    created = not out_dir.exists()
+    try:
+        with quiet_libraries(verbose):
+            return _train(config, out_dir, progress, verbose)
+    except BaseException:
+        if created and not any((out_dir / "checkpoints").glob("checkpoint-*")):
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _train(config: TrainConfig, out_dir: Path, progress: bool, verbose: bool) -> dict:
     start = time.perf_counter()
     set_seed(config.seed)
+    run = load_run(config)
+    method = METHODS[config.method]
+    saved = out_dir / "allocation.json"
+    prepared = method.prepare(run.model, _context(config, run, saved))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if prepared.allocation is not None and not saved.exists():
+        prepared.allocation.save(str(saved))
+    trainer = _trainer(config, run, prepared, method, out_dir)
+    _show_progress(trainer, config, run, progress, verbose)
+    resume = any((out_dir / "checkpoints").glob("checkpoint-*"))
+    train_start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    timings = {"wall": time.perf_counter() - start, "train": time.perf_counter() - train_start}
+    results = _results(config, run, trainer, method, prepared, timings, resume)
+    if trainer.is_world_process_zero():
+        method.finalize(prepared)
+        prepared.model.save_pretrained(out_dir / "adapter")
+        write_text_atomic(out_dir / RESULTS, json.dumps(results, indent=2) + "\n")
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    return results
+
+
+def load_run(config: TrainConfig) -> LoadedRun:
+    """Read the task, load the tokenizer and model, encode the splits."""
     task = load_task(
         config.task,
         glue_dir=config.glue_dir,
@@ -132,77 +192,85 @@ def run_training(
     )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-
     encode = encode_generation if generation else encode_classification
-    train_set = encode(tokenizer, task.train, config.max_length)
-    dev_name, dev_examples = next(iter(task.dev.items()))
-    eval_sets = {
-        name: encode(tokenizer, examples, config.max_length) for name, examples in task.dev.items()
-    }
     collator = (
         DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
         if generation
         else DataCollatorWithPadding(tokenizer)
     )
+    train_set = encode(tokenizer, task.train, config.max_length)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    steps_per_epoch = math.ceil(len(train_set) / (config.batch_size * world))
-    total_steps = steps_per_epoch * config.epochs
-
-    saved = out_dir / "allocation.json"
-    prepared = prepare_model(
-        model,
-        config,
-        task_type="CAUSAL_LM" if generation else "SEQ_CLS",
-        calibration_batches=lambda: _calibration(tokenizer, config, task),
-        train_batches=lambda: _first_batches(train_set, collator, config.batch_size, 32),
-        total_steps=total_steps,
-        allocation=load_allocation(saved) if saved.exists() else None,
+    return LoadedRun(
+        task=task,
+        model_path=model_path,
+        tokenizer=tokenizer,
+        model=model,
+        train_set=train_set,
+        eval_sets={
+            name: encode(tokenizer, examples, config.max_length)
+            for name, examples in task.dev.items()
+        },
+        collator=collator,
+        steps_per_epoch=math.ceil(len(train_set) / (config.batch_size * world)),
     )
-    if prepared.allocation is not None and not saved.exists():
-        prepared.allocation.save(str(saved))
-    peft_model = prepared.model
 
-    args = _training_arguments(config, out_dir / "checkpoints", steps_per_epoch, progress)
-    callbacks = {"adalora": [AdaLoraCallback()], "hyperadalora": [HyperAdaLoraCallback()]}.get(
-        config.method, []
+
+def _context(config: TrainConfig, run: LoadedRun, saved: Path) -> RunContext:
+    return RunContext(
+        config=config,
+        task_type="CAUSAL_LM" if run.generation else "SEQ_CLS",
+        targets=target_names(run.model, config.targets),
+        total_steps=run.steps_per_epoch * config.epochs,
+        calibration_batches=lambda: _calibration(run.tokenizer, config, run.task),
+        calibration=_calibration_source(config, run.task),
+        train_batches=lambda: list(
+            _first_batches(run.train_set, run.collator, config.batch_size, 32)
+        ),
+        model_path=run.model_path,
+        saved_allocation=load_allocation(saved) if saved.exists() else None,
     )
+
+
+def _trainer(config, run: LoadedRun, prepared, method, out_dir: Path) -> Trainer:
+    args = _training_arguments(
+        config, out_dir / "checkpoints", run.steps_per_epoch, method.checkpoints
+    )
+    callbacks = list(prepared.callbacks)
     if config.eval_steps:
         callbacks.append(EvaluateAtEnd())
     common = dict(
-        model=peft_model,
+        model=prepared.model,
         args=args,
-        train_dataset=train_set,
-        data_collator=collator,
+        train_dataset=run.train_set,
+        data_collator=run.collator,
         callbacks=callbacks,
     )
-    if generation:
-        trainer = GenerationTrainer(
+    dev_name, dev_examples = next(iter(run.task.dev.items()))
+    if run.generation:
+        return GenerationTrainer(
             **common,
-            eval_dataset=eval_sets[dev_name],
+            eval_dataset=run.eval_sets[dev_name],
             dev_examples=dev_examples,
-            gen_tokenizer=tokenizer,
+            gen_tokenizer=run.tokenizer,
             max_new_tokens=config.max_new_tokens,
         )
-    else:
-        trainer = Trainer(
-            **common,
-            eval_dataset=eval_sets if len(eval_sets) > 1 else eval_sets[dev_name],
-            compute_metrics=lambda p: _classification_scores(task, p),
-        )
-    resume = any((out_dir / "checkpoints").glob("checkpoint-*"))
-    train_start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=True if resume else None)
-    train_seconds = time.perf_counter() - train_start
+    return Trainer(
+        **common,
+        eval_dataset=run.eval_sets if len(run.eval_sets) > 1 else run.eval_sets[dev_name],
+        compute_metrics=lambda p: _classification_scores(run.task, p),
+    )
 
-    timings = {"wall": time.perf_counter() - start, "train": train_seconds}
-    results = _results(config, task, trainer, prepared, model_path, timings, resume)
-    if trainer.is_world_process_zero():
-        if config.method == "hyperadalora":
-            materialise(peft_model)  # a plain LoRA adapter of the kept components
-        peft_model.save_pretrained(out_dir / "adapter")
-        write_text_atomic(out_dir / RESULTS, json.dumps(results, indent=2) + "\n")
-        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
-    return results
+
+def _show_progress(trainer: Trainer, config, run: LoadedRun, progress: bool, verbose: bool):
+    """The Trainer's tqdm bars and printed log dictionaries only when ``verbose``; else one
+    `RichProgress` bar (or nothing without ``progress``)."""
+    if verbose:
+        return
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    if progress:
+        description = f"{config.method} on {run.task.name} (seed {config.seed})"
+        trainer.add_callback(RichProgress(description, run.task.main_metric))
 
 
 class EvaluateAtEnd(TrainerCallback):
@@ -215,10 +283,13 @@ class EvaluateAtEnd(TrainerCallback):
 
 
 def _training_arguments(
-    config: TrainConfig, output_dir: Path, steps_per_epoch: int, progress: bool
+    config: TrainConfig,
+    output_dir: Path,
+    steps_per_epoch: int,
+    checkpoints: bool = True,
 ) -> TrainingArguments:
-    """Per-epoch evaluation and logging, or every ``eval_steps``; no checkpoints for
-    hyperadalora (its hypernetwork is not part of a peft checkpoint: a rerun restarts)."""
+    """Per-epoch evaluation and logging, or every ``eval_steps``; a checkpoint every epoch for
+    the methods whose state a peft checkpoint holds."""
     device = resolve_device(config.device)
     schedule = {"eval_strategy": "epoch", "logging_strategy": "epoch"}
     if config.eval_steps:
@@ -239,7 +310,7 @@ def _training_arguments(
         lr_scheduler_type="linear",
         optim="adamw_torch",
         **schedule,
-        save_strategy="no" if config.method == "hyperadalora" else "epoch",
+        save_strategy="epoch" if checkpoints else "no",
         save_total_limit=1,
         seed=config.seed,
         data_seed=config.seed,
@@ -247,23 +318,32 @@ def _training_arguments(
         label_names=["labels"],
         use_cpu=device.type == "cpu",
         bf16=config.dtype == "bfloat16" and device.type == "cuda",
-        disable_tqdm=not progress,
         dataloader_num_workers=0,
         remove_unused_columns=False,
     )
 
 
 def _calibration(tokenizer, config: TrainConfig, task):
-    calib = CalibrationConfig(
+    calib = _calibration_config(config)
+    texts = None
+    if config.calib == "task":
+        texts = [getattr(e, "text_a", None) or e.prompt for e in task.train]
+    return calibration_batches(tokenizer, calib, texts=texts)
+
+
+def _calibration_source(config: TrainConfig, task) -> Calibration:
+    if config.calib == "task":
+        return Calibration(description=f"{task.name} training texts")
+    return Calibration(config=_calibration_config(config))
+
+
+def _calibration_config(config: TrainConfig) -> CalibrationConfig:
+    return CalibrationConfig(
         source="wikipedia" if config.calib == "task" else config.calib,
         num_samples=config.calib_samples,
         seq_len=config.calib_seq_len,
         seed=config.seed,
     )
-    texts = None
-    if config.calib == "task":
-        texts = [getattr(e, "text_a", None) or e.prompt for e in task.train]
-    return calibration_batches(tokenizer, calib, texts=texts)
 
 
 def _first_batches(dataset, collator, batch_size: int, limit: int):
@@ -298,20 +378,13 @@ def _evaluations(log_history: list[dict]) -> list[dict[str, float]]:
     return rows
 
 
-def _results(config, task, trainer, prepared, model_path, timings, resumed) -> dict[str, Any]:
-    peft_model = prepared.model
+def _results(config, run: LoadedRun, trainer, method, prepared, timings, resumed) -> dict:
+    peft_model, task = prepared.model, run.task
     evals = _evaluations(trainer.state.log_history)
     epochs = [{k: v for k, v in row.items() if k != "step"} for row in evals]
     main = _main_key(task, epochs)
     best = max(epochs, key=lambda row: row[main]) if epochs else None
-    if prepared.allocation is not None:
-        ranks = prepared.allocation.ranks
-    elif config.method == "adalora":
-        ranks = adalora_ranks(peft_model)
-    elif config.method == "hyperadalora":
-        ranks = find_controller(peft_model).ranks()
-    else:
-        ranks = prepared.notes.get("eva_ranks")
+    ranks = method.final_ranks(prepared)
     shapes = {
         n: (m.out_features, m.in_features)
         for n, m in peft_model.get_base_model().named_modules()
@@ -321,7 +394,7 @@ def _results(config, task, trainer, prepared, model_path, timings, resumed) -> d
         "config": config.to_dict(),
         "method": config.method,
         "task": task.name,
-        "model": model_path,
+        "model": run.model_path,
         "main_metric": main,
         "num_train": len(task.train),
         "num_dev": {k: len(v) for k, v in task.dev.items()},
@@ -333,9 +406,9 @@ def _results(config, task, trainer, prepared, model_path, timings, resumed) -> d
                 if p.requires_grad and "lora_" in n
             ),
             "final_lora": sum(r * sum(shapes.get(n, (0, 0))) for n, r in (ranks or {}).items()),
-            "hypernetwork": prepared.notes.get("hypernetwork_parameters", 0),
+            "hypernetwork": prepared.report.get("hypernetwork_parameters", 0),
         },
-        "init_ranks": prepared.notes.get("init_ranks"),
+        "init_ranks": prepared.report.get("init_ranks"),
         "ranks": ranks,
         "epochs": epochs,
         "evals": evals,

@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 
 from senslora.finetune.hyperadalora.budget import Importance, budget_at, top_budget_mask
 from senslora.finetune.hyperadalora.hypernet import HyperNetwork, TokenLayout
-from senslora.peft_bridge import pattern_key
+from senslora.peft_bridge import lora_patterns
 
 ORTH_REG_WEIGHT = 0.1  # peft AdaLoraConfig.orth_reg_weight
 ADAPTER = "default"
@@ -205,6 +205,7 @@ def materialise(peft_model) -> None:
     model = peft_model.get_base_model()
     config = peft_model.peft_config[ADAPTER]
     layout = controller.layout
+    kept_ranks = {}
     for (_, start, end, members), p, q in zip(layout.groups, p_columns, q_rows, strict=True):
         sizes = [layout.ranks[i] for i in members]
         pieces = zip(
@@ -219,8 +220,12 @@ def materialise(peft_model) -> None:
                 b, a = p_m.new_zeros(p_m.shape[1], 1), q_m.new_zeros(1, q_m.shape[1])
             name = layout.names[i]
             _set_lora(model.get_submodule(name), a, b, rank * scaling)
-            config.rank_pattern[pattern_key(name)] = rank
-            config.alpha_pattern[pattern_key(name)] = rank * scaling
+            kept_ranks[name] = rank
+    rank_pattern, alpha_pattern = lora_patterns(
+        kept_ranks, {name: rank * scaling for name, rank in kept_ranks.items()}
+    )
+    config.rank_pattern.update(rank_pattern)
+    config.alpha_pattern.update(alpha_pattern)
     for handle in controller.hooks:
         handle.remove()
     del model.hyperadalora

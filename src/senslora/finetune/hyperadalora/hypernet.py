@@ -10,11 +10,12 @@ shared by all modules of one shape, so one matmul per shape generates every fact
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from senslora.report import layer_and_kind
 
 ATTENTION_HEADS = 4
 
@@ -46,15 +47,16 @@ class TokenLayout:
 def token_layout(ranks: dict[str, int], shapes: dict[str, tuple[int, int]]) -> TokenLayout:
     """Layout of ``{module: rank}`` with ``{module: (d_out, d_in)}``; rank-0 modules are dropped.
 
-    The layer is the first integer in the module name (0 if none), the type is the name with its
-    integers removed (``encoder.layer.3.attention.self.query`` -> ``encoder.layer.attention...``).
+    The layer and the type come from `senslora.report.layer_and_kind`
+    (``encoder.layer.3.attention.self.query`` -> layer 3, type ``attention.self.query``; layer 0
+    for a name without a layer index).
     """
     kept = [n for n in ranks if ranks[n] > 0]
     if not kept:
         raise ValueError("every module has rank 0: there is nothing to generate")
     distinct = list(dict.fromkeys(shapes[n] for n in kept))
     names = sorted(kept, key=lambda n: distinct.index(shapes[n]))  # stable within a shape
-    kinds = list(dict.fromkeys(_module_type(n) for n in names))
+    kinds = list(dict.fromkeys(layer_and_kind(n)[1] for n in names))
     starts, groups, token = {}, [], 0
     for name in names:
         starts[name] = token
@@ -67,19 +69,10 @@ def token_layout(ranks: dict[str, int], shapes: dict[str, tuple[int, int]]) -> T
         names=tuple(names),
         ranks=tuple(ranks[n] for n in names),
         shapes=tuple(shapes[n] for n in names),
-        layers=tuple(_layer_index(n) for n in names),
-        types=tuple(kinds.index(_module_type(n)) for n in names),
+        layers=tuple(layer_and_kind(n)[0] or 0 for n in names),
+        types=tuple(kinds.index(layer_and_kind(n)[1]) for n in names),
         groups=tuple(groups),
     )
-
-
-def _layer_index(name: str) -> int:
-    match = re.search(r"\d+", name)
-    return int(match.group()) if match else 0
-
-
-def _module_type(name: str) -> str:
-    return re.sub(r"\.\d+(?=\.|$)", "", name)
 
 
 class HyperNetwork(nn.Module):

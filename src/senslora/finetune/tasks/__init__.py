@@ -25,7 +25,7 @@ from senslora.finetune.tasks.base import (
 )
 from senslora.finetune.tasks.classification import load_local_classification, load_rotten_tomatoes
 from senslora.finetune.tasks.generation import load_instruction_jsonl, load_wikipedia_lead
-from senslora.finetune.tasks.glue import GLUE_TASKS, load_glue
+from senslora.finetune.tasks.glue import GLUE_TASKS, load_glue, normalize_glue_name
 
 __all__ = [
     "KNOWN_TASKS",
@@ -34,6 +34,7 @@ __all__ = [
     "GenerationExample",
     "GenerationTask",
     "load_task",
+    "parse_task_spec",
 ]
 
 Task = ClassificationTask | GenerationTask
@@ -48,25 +49,37 @@ KNOWN_TASKS = (
 )
 
 
+def parse_task_spec(spec: str) -> tuple[str, str]:
+    """``(kind, argument)`` of a task spec, checked without reading anything:
+    ``glue:rte`` -> ("glue", "rte"), ``rotten_tomatoes`` -> ("rotten_tomatoes", "")."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"task spec must be a non-empty string, got {spec!r}")
+    prefix, colon, rest = spec.partition(":")
+    prefix, rest = prefix.strip().lower(), rest.strip()
+    if not colon and prefix in ("rotten_tomatoes", "wikipedia_lead"):
+        return prefix, ""
+    if colon and rest and prefix in ("glue", "csv", "jsonl", "gen"):
+        if prefix == "glue":
+            normalize_glue_name(rest)  # an unknown GLUE task is an error here already
+        return prefix, rest
+    raise ValueError(f"unknown task {spec!r}; known: {', '.join(KNOWN_TASKS)}")
+
+
 def _read_task(
     spec: str, glue_dir: str | Path | None, text_field: str | None, label_field: str | None
 ) -> Task:
-    prefix, colon, rest = spec.partition(":")
-    prefix, rest = prefix.strip().lower(), rest.strip()
-    if not colon and prefix == "rotten_tomatoes":
+    kind, argument = parse_task_spec(spec)
+    if kind == "rotten_tomatoes":
         return load_rotten_tomatoes()
-    if not colon and prefix == "wikipedia_lead":
+    if kind == "wikipedia_lead":
         return load_wikipedia_lead()
-    if colon and rest:
-        if prefix == "glue":
-            return load_glue(rest, glue_dir)
-        if prefix in ("csv", "jsonl"):
-            return load_local_classification(
-                rest, fmt=prefix, text_field=text_field, label_field=label_field
-            )
-        if prefix == "gen":
-            return load_instruction_jsonl(rest)
-    raise ValueError(f"unknown task {spec!r}; known: {', '.join(KNOWN_TASKS)}")
+    if kind == "glue":
+        return load_glue(argument, glue_dir)
+    if kind in ("csv", "jsonl"):
+        return load_local_classification(
+            argument, fmt=kind, text_field=text_field, label_field=label_field
+        )
+    return load_instruction_jsonl(argument)
 
 
 def load_task(

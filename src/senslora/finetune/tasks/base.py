@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import random
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+from senslora.files import jsonl_records
 
 __all__ = [
     "LOCAL_DEV_FRACTION",
@@ -243,18 +244,6 @@ def _csv_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
             yield reader.line_num, None if broken else row
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
-    with path.open(encoding="utf-8-sig") as stream:
-        for number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                record = None
-            yield number, record if isinstance(record, dict) else None
-
-
 def iter_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
     """(line number, record) of a .csv (header row) or .jsonl file; None for a malformed row
     (wrong number of CSV fields, invalid JSON, a JSON value that is not an object)."""
@@ -262,7 +251,7 @@ def iter_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
     if suffix == ".csv":
         return _csv_records(path)
     if suffix == ".jsonl":
-        return _jsonl_records(path)
+        return ((number, record) for number, record, _ in jsonl_records(path))
     raise ValueError(f"{path}: expected a .csv or .jsonl file, found {suffix or 'no extension'!r}")
 
 

@@ -1,0 +1,118 @@
+"""Model + calibration batches -> `Allocation` with full provenance: the one path shared by
+`senslora allocate`, the fine-tuning methods and the Python API.
+
+    calibration batches -> statistics (`collect_statistics`) -> metrics and ranks
+    (`allocate_ranks`) -> Allocation (ranks, metrics, configuration, provenance)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from senslora.allocation import Allocation, allocate_ranks
+from senslora.config import AllocationConfig
+from senslora.data import CalibrationConfig, count_tokens, describe_source
+from senslora.estimators import collect_statistics
+from senslora.stats import ModuleStats
+from senslora.targets import TargetSpec
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Where the calibration batches come from, for the provenance of an allocation.
+
+    ``config`` is the `CalibrationConfig` that made the batches, or None when they come from
+    elsewhere (a task's training examples, a user's dataloader); ``description`` then names them.
+    """
+
+    config: CalibrationConfig | None = None
+    description: str | None = None
+
+    def describe(self) -> str:
+        if self.description is not None:
+            return self.description
+        if self.config is None:
+            return "user batches"
+        return describe_source(self.config.source, split=self.config.split)
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """Statistics of every target module and the provenance of how they were made."""
+
+    stats: dict[str, ModuleStats]
+    provenance: dict[str, Any]
+
+    def allocate(self, config: AllocationConfig) -> Allocation:
+        return allocate_ranks(self.stats, config, provenance=self.provenance)
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Sequence[dict],
+    *,
+    estimator: str = "activation",
+    targets: TargetSpec = "all-linear",
+    keep_gram: bool = False,
+    num_probes: int = 8,
+    seed: int = 0,
+    model_path: str | None = None,
+    calibration: Calibration | None = None,
+    progress: Callable[[Sequence[dict]], Iterable[dict]] | None = None,
+) -> Calibrated:
+    """Collect the statistics of ``model`` on ``batches`` and record how they were made.
+
+    ``progress`` wraps the batches (a progress bar) without changing them.
+    """
+    from senslora import __version__
+
+    calibration = calibration or Calibration()
+    start = time.perf_counter()
+    stats = collect_statistics(
+        model,
+        progress(batches) if progress is not None else batches,
+        estimator=estimator,
+        targets=targets,
+        num_probes=num_probes,
+        seed=seed,
+        keep_gram=keep_gram,
+    )
+    provenance = {
+        "model": model_path,
+        "model_class": type(model).__name__,
+        "calibration": calibration.describe(),
+        "calibration_config": (
+            dataclasses.asdict(calibration.config) if calibration.config is not None else None
+        ),
+        "num_sequences": sum(len(b["input_ids"]) for b in batches),
+        "num_tokens": count_tokens(batches),
+        "estimator": estimator,
+        "targets": targets if isinstance(targets, str) else list(targets),
+        "senslora_version": __version__,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "calibration_seconds": round(time.perf_counter() - start, 3),
+        "world_size": _world_size(),
+    }
+    return Calibrated(stats, provenance)
+
+
+def allocate_model(
+    model: nn.Module, batches: Sequence[dict], config: AllocationConfig, **calibrate_options
+) -> Allocation:
+    """`calibrate` then `allocate_ranks`: the allocation of ``model`` with its provenance.
+    ``calibrate_options`` are those of `calibrate`; the eigenvalue spectrum keeps 2XX^T."""
+    calibrate_options.setdefault("keep_gram", config.spectrum == "eigenvalues")
+    return calibrate(model, batches, **calibrate_options).allocate(config)
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
