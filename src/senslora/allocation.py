@@ -189,7 +189,7 @@ def allocate_ranks(
             theta=float(scores.theta[i]),
         )
     shapes = {n: (stats[n].shape.out_features, stats[n].shape.in_features) for n in names}
-    ranks = _integer_ranks([table[n]["theta"] for n in names], [shapes[n] for n in names], config)
+    ranks = integer_ranks([table[n]["theta"] for n in names], [shapes[n] for n in names], config)
     return Allocation(
         ranks=dict(zip(names, ranks, strict=True)),
         shapes=shapes,
@@ -200,9 +200,11 @@ def allocate_ranks(
     )
 
 
-def _integer_ranks(
+def integer_ranks(
     theta: list[float], shapes: list[tuple[int, int]], config: AllocationConfig
 ) -> list[int]:
+    """Integer ranks from one weight ``theta`` per matrix of shape (d_out, d_in), under the
+    config's scheme, budget and bounds (the last step of `allocate_ranks`)."""
     caps = [min(d_out, d_in) for d_out, d_in in shapes]
     max_ranks = [min(c, config.max_rank) if config.max_rank else c for c in caps]
     min_ranks = [min(config.min_rank, m) for m in max_ranks]
