@@ -158,8 +158,8 @@ def shuffle_ranks(allocation: Allocation, seed: int = 0) -> Allocation:
         groups.setdefault(tuple(allocation.shapes[name]), []).append(name)
     source = {name: name for name in allocation.ranks}
     for names in groups.values():
-        for name, origin in zip(names, _changing_permutation(names, allocation.ranks, rng)):
-            source[name] = origin
+        origins = _changing_permutation(names, allocation.ranks, rng)
+        source.update(zip(names, origins, strict=True))
     return Allocation(
         ranks={name: allocation.ranks[source[name]] for name in allocation.ranks},
         shapes=dict(allocation.shapes),
