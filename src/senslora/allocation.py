@@ -10,6 +10,7 @@ import torch
 
 from senslora import metrics
 from senslora.config import AllocationConfig
+from senslora.curvature import with_curvature
 from senslora.rank_schemes import progressive_rank_allocation, scaled_rank_allocation
 from senslora.stats import ModuleStats
 
@@ -89,9 +90,10 @@ def module_metrics(
 
     With the diagonal spectrum, the modules whose column values have one shape (length and
     multiplicity) are done together (`metrics.spectrum_metrics_rows`); anything else module by
-    module.
+    module. With ``curvature="inverse"`` the column values are first replaced by the curvature
+    after compensation (`senslora.curvature.inverse_curvature`).
     """
-    stats = _column_values_on_cpu(stats)
+    stats = _column_values_on_cpu(with_curvature(stats, config.curvature))
     table = _column_metrics_by_shape(stats, config) if config.spectrum == "diagonal" else {}
     for name, s in stats.items():
         if name in table:

@@ -11,6 +11,7 @@ SCORES = ("combined", "global", "local", "topk", "effective_rank")
 WEIGHTINGS = ("std", "equal")
 SPECTRA = ("diagonal", "eigenvalues")
 NEGATIVE_MODES = ("abs", "clamp")
+CURVATURES = ("hessian", "inverse")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,11 @@ class AllocationConfig:
     spectrum: str = "diagonal"
     """Entries the effective rank counts: 'diagonal' of the Hessian (default) or 'eigenvalues' of
     2XX^T (activation estimator with keep_gram=True)."""
+    curvature: str = "hessian"
+    """What the metrics read per weight: 'hessian', the Hessian diagonal h_qq (eqs. 6-10), or
+    'inverse', 1/[(H + lambda I)^-1]_qq, the curvature after the other weights of the row
+    compensate (OBS/GPTQ, Section 4.6; lambda = 0.01 x mean diag H, via Cholesky). 'inverse'
+    needs the activation estimator with keep_gram=True and the diagonal spectrum."""
     negative: str = "abs"
     """Negative Hessian-diagonal entries (Hutchinson): 'abs' or 'clamp' to zero."""
     min_rank: int = 1
@@ -61,10 +67,16 @@ class AllocationConfig:
             ("weighting", WEIGHTINGS),
             ("spectrum", SPECTRA),
             ("negative", NEGATIVE_MODES),
+            ("curvature", CURVATURES),
         ):
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.curvature == "inverse" and self.spectrum == "eigenvalues":
+            raise ValueError(
+                "curvature='inverse' replaces the Hessian diagonal and needs spectrum='diagonal', "
+                "got spectrum='eigenvalues'"
+            )
         positive_int("avg_rank", self.avg_rank)
         positive_int("pra_categories", self.pra_categories)
         positive_int("pra_step", self.pra_step)
