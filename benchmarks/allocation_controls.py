@@ -88,6 +88,8 @@ def main() -> None:
     write_results(
         args.out,
         {
+            "benchmark": "allocation_controls",
+            "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "environment": env,
             "model": "tiny-bert" if args.quick else "minilm",
             "calibration": f"wikipedia, {len(batches)} batches, {count_tokens(batches)} tokens",

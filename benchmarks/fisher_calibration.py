@@ -92,6 +92,8 @@ def main() -> None:
     write_results(
         args.out,
         {
+            "benchmark": "fisher_calibration",
+            "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "environment": env,
             "model": "tiny-bert" if args.quick else "minilm (sequence classification, 2 labels)",
             "data": f"SST-2 train, {args.examples} examples (seed subset), batch {args.batch_size}",
