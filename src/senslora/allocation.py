@@ -10,6 +10,7 @@ import torch
 
 from senslora import metrics
 from senslora.config import AllocationConfig
+from senslora.curvature import with_curvature
 from senslora.rank_schemes import progressive_rank_allocation, scaled_rank_allocation
 from senslora.stats import ModuleStats
 
@@ -83,9 +84,10 @@ def module_metrics(
 
     With the diagonal spectrum, the modules whose column values have one shape (length and
     multiplicity) are done together (`metrics.spectrum_metrics_rows`); anything else module by
-    module.
+    module. With ``curvature="inverse"`` the column values are first replaced by the curvature
+    after compensation (`senslora.curvature.inverse_curvature`).
     """
-    stats = _column_values_on_cpu(stats)
+    stats = _column_values_on_cpu(with_curvature(stats, config.curvature))
     table = _column_metrics_by_shape(stats, config) if config.spectrum == "diagonal" else {}
     for name, s in stats.items():
         if name in table:
@@ -183,7 +185,7 @@ def allocate_ranks(
             theta=float(scores.theta[i]),
         )
     shapes = {n: (stats[n].shape.out_features, stats[n].shape.in_features) for n in names}
-    ranks = _integer_ranks([table[n]["theta"] for n in names], [shapes[n] for n in names], config)
+    ranks = integer_ranks([table[n]["theta"] for n in names], [shapes[n] for n in names], config)
     return Allocation(
         ranks=dict(zip(names, ranks, strict=True)),
         shapes=shapes,
@@ -194,9 +196,11 @@ def allocate_ranks(
     )
 
 
-def _integer_ranks(
+def integer_ranks(
     theta: list[float], shapes: list[tuple[int, int]], config: AllocationConfig
 ) -> list[int]:
+    """Integer ranks from one weight ``theta`` per matrix of shape (d_out, d_in), under the
+    config's scheme, budget and bounds (the last step of `allocate_ranks`)."""
     caps = [min(d_out, d_in) for d_out, d_in in shapes]
     max_ranks = [min(c, config.max_rank) if config.max_rank else c for c in caps]
     min_ranks = [min(config.min_rank, m) for m in max_ranks]

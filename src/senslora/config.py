@@ -11,6 +11,7 @@ Score = Literal["combined", "global", "local", "topk", "effective_rank"]
 Weighting = Literal["std", "equal"]
 Spectrum = Literal["diagonal", "eigenvalues"]
 NegativeMode = Literal["abs", "clamp"]
+Curvature = Literal["hessian", "inverse"]
 
 # The allowed values of each choice, declared once above and read everywhere from here.
 SCHEMES: tuple[str, ...] = get_args(Scheme)
@@ -19,6 +20,7 @@ SCORES: tuple[str, ...] = get_args(Score)
 WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
 SPECTRA: tuple[str, ...] = get_args(Spectrum)
 NEGATIVE_MODES: tuple[str, ...] = get_args(NegativeMode)
+CURVATURES: tuple[str, ...] = get_args(Curvature)
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,11 @@ class AllocationConfig:
     spectrum: Spectrum = "diagonal"
     """Entries the effective rank counts: 'diagonal' of the Hessian (default) or 'eigenvalues' of
     2XX^T (activation estimator with keep_gram=True)."""
+    curvature: Curvature = "hessian"
+    """What the metrics read per weight: 'hessian', the Hessian diagonal h_qq (eqs. 6-10), or
+    'inverse', 1/[(H + lambda I)^-1]_qq, the curvature after the other weights of the row
+    compensate (OBS/GPTQ, Section 4.6; lambda = 0.01 x mean diag H, via Cholesky). 'inverse'
+    needs the activation estimator with keep_gram=True and the diagonal spectrum."""
     negative: NegativeMode = "abs"
     """Negative Hessian-diagonal entries (Hutchinson): 'abs' or 'clamp' to zero."""
     min_rank: int = 1
@@ -69,8 +76,14 @@ class AllocationConfig:
             ("weighting", WEIGHTINGS),
             ("spectrum", SPECTRA),
             ("negative", NEGATIVE_MODES),
+            ("curvature", CURVATURES),
         ):
             check_choice(name, getattr(self, name), allowed)
+        if self.curvature == "inverse" and self.spectrum == "eigenvalues":
+            raise ValueError(
+                "curvature='inverse' replaces the Hessian diagonal and needs spectrum='diagonal', "
+                "got spectrum='eigenvalues'"
+            )
         positive_int("avg_rank", self.avg_rank)
         positive_int("pra_categories", self.pra_categories)
         positive_int("pra_step", self.pra_step)
