@@ -98,7 +98,8 @@ def resolve_modules(keys: Iterable[str], model: nn.Module) -> dict[str, str]:
     for key, (name,) in matches.items():
         if name in owner:
             raise ValueError(
-                f"allocation does not fit this model: keys {owner[name]} and {key} both match {name}"
+                f"allocation does not fit this model: keys {owner[name]} and {key} both "
+                f"match {name}"
             )
         owner[name] = key
     return {key: names[0] for key, names in matches.items()}
