@@ -213,3 +213,57 @@ def test_one_minilm_allocation_applies_to_three_head_classes_and_sentence_transf
     peft.inject_adapter_in_model(lora_config, encoder)  # in place: still a SentenceTransformer
     assert backbone_prefix(encoder) == "0.model"
     assert_exact_ranks(encoder, encoder, allocation)
+
+
+def test_one_call_equals_the_four_steps_on_a_dataloader():
+    batches = token_batches(num_batches=2)
+    expected = measured_allocation(tiny_bert())  # avg_rank 4 = the LoraConfig's r
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)  # batches as they are
+    peft_model = senslora.get_peft_model(tiny_bert(), peft.LoraConfig(r=4, lora_alpha=8), loader)
+    assert isinstance(peft_model, peft.PeftModel)
+    assert injected_ranks(peft_model) == {n: r for n, r in expected.ranks.items() if r > 0}
+
+
+class DictInput(nn.Module):
+    """A model whose forward takes the batch dict itself (as sentence-transformers do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = tiny_bert()
+
+    def forward(self, features: dict) -> torch.Tensor:
+        return self.encoder(**features).logits
+
+
+def test_forward_and_input_hooks_measure_the_same_statistics():
+    rows = [{**b, "text": ["raw"] * len(b["input_ids"])} for b in token_batches(num_batches=2)]
+    allocation = senslora.compute_allocation(
+        DictInput(),
+        rows,
+        peft.LoraConfig(r=4),
+        forward_fn=lambda model, batch: model(batch),
+        prepare_model_inputs_fn=lambda row: {k: v for k, v in row.items() if k != "text"},
+    )
+    direct = measured_allocation(tiny_bert())
+    assert allocation.backbone == "encoder.bert"
+    assert allocation.relative_ranks() == direct.relative_ranks()
+    for name in direct.relative_ranks():
+        assert allocation.metrics["encoder.bert." + name] == pytest.approx(
+            direct.metrics["bert." + name], rel=1e-5
+        )
+
+
+def test_lora_config_target_modules_choose_the_measured_modules():
+    loader = token_batches(num_batches=2)
+    config = peft.LoraConfig(r=2, target_modules=["query", "value"])
+    peft_model = senslora.get_peft_model(tiny_bert(), config, loader)
+    names = set(injected_ranks(peft_model))
+    assert names and all(n.endswith((".query", ".value")) for n in names)
+    assert sum(injected_ranks(peft_model).values()) == 2 * len(names)  # budget: r per module
+    with pytest.raises(ValueError, match="expected the modules to be chosen by target_modules"):
+        senslora.get_peft_model(
+            tiny_bert(), peft.LoraConfig(r=2, layers_to_transform=[0], target_modules=["query"]),
+            loader,
+        )
+    with pytest.raises(ValueError, match="expected a peft.LoraConfig, got dict"):
+        senslora.get_peft_model(tiny_bert(), {"r": 2}, loader)
