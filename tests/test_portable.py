@@ -262,7 +262,8 @@ def test_lora_config_target_modules_choose_the_measured_modules():
     assert sum(injected_ranks(peft_model).values()) == 2 * len(names)  # budget: r per module
     with pytest.raises(ValueError, match="expected the modules to be chosen by target_modules"):
         senslora.get_peft_model(
-            tiny_bert(), peft.LoraConfig(r=2, layers_to_transform=[0], target_modules=["query"]),
+            tiny_bert(),
+            peft.LoraConfig(r=2, layers_to_transform=[0], target_modules=["query"]),
             loader,
         )
     with pytest.raises(ValueError, match="expected a peft.LoraConfig, got dict"):

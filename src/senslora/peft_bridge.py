@@ -190,7 +190,8 @@ def verify_ranks(model: nn.Module, allocation: Allocation, adapter_name: str = "
     ]
     expected = {name for names in matches.values() for name in names}
     problems += [
-        f"{n}: got rank {r} but the allocation gives it none" for n, r in got.items()
+        f"{n}: got rank {r} but the allocation gives it none"
+        for n, r in got.items()
         if n not in expected
     ]
     if problems:
