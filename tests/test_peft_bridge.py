@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import peft
 import pytest
@@ -13,7 +14,13 @@ from peft.tuners.lora import LoraLayer
 
 import senslora
 from senslora import AllocationConfig, allocate_ranks, apply_allocation, collect_statistics
-from senslora.peft_bridge import injected_ranks, pattern_key, verify_ranks
+from senslora.peft_bridge import (
+    backbone_prefix,
+    injected_ranks,
+    pattern_key,
+    suffix_key,
+    verify_ranks,
+)
 
 
 def allocation_for(model, **config):
@@ -56,12 +63,24 @@ def test_ranks_verified_and_save_reload_merge_round_trip(make_model, tmp_path):
     torch.testing.assert_close(logits(merged, batch), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_pattern_keys_are_anchored_and_escaped():
-    key = pattern_key("bert.encoder.layer.1.output.dense")
-    assert key == r"^bert\.encoder\.layer\.1\.output\.dense$"
-    config = allocation_for(tiny_bert()).to_lora_config()
-    assert all(k.startswith("^") and k.endswith("$") for k in config.rank_pattern)
-    assert set(config.target_modules) == set(allocation_for(tiny_bert()).ranks)
+def test_pattern_keys_are_escaped_backbone_relative_suffixes():
+    assert pattern_key("bert.encoder.layer.1.output.dense") == (
+        r"^bert\.encoder\.layer\.1\.output\.dense$"
+    )
+    model = tiny_bert()
+    stats = collect_statistics(model, token_batches(num_batches=2))
+    allocation = allocate_ranks(stats, AllocationConfig(), backbone=backbone_prefix(model))
+    config = allocation.to_lora_config()
+    relative = [name.removeprefix("bert.") for name in allocation.ranks]
+    assert set(config.target_modules) == set(relative)  # peft stores a set
+    assert list(config.rank_pattern) == [suffix_key(name) for name in relative]
+    assert suffix_key("encoder.layer.1.output.dense") == r"encoder\.layer\.1\.output\.dense"
+    # peft's rule: the key matches on a module boundary, and its dots are literal
+    rule = r"(.*\.)?({})$"
+    key = suffix_key("encoder.layer.1.output.dense")
+    assert re.match(rule.format(key), "bert.encoder.layer.1.output.dense")
+    assert not re.match(rule.format(key), "bert.encoder.layer.1.attention.output.dense")
+    assert not re.match(rule.format(key), "bert.encoder.layer.1.output_dense")
 
 
 def test_scale_policy_keeps_alpha_over_r_and_rslora_keeps_alpha():

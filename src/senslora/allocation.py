@@ -33,6 +33,10 @@ class Allocation:
         weights: the combination weights beta1, beta2, gamma1, gamma2.
         config: the AllocationConfig used.
         provenance: model, calibration source, tokens, estimator, package version, time.
+        backbone: the dotted path of the backbone in the measured model (``"bert"`` for
+            ``BertForSequenceClassification``, ``""`` for ``BertModel``; see
+            `senslora.peft_bridge.backbone_prefix`). The LoraConfig names modules relative to
+            it, so that one allocation applies to every model built on that backbone.
     """
 
     ranks: dict[str, int]
@@ -41,6 +45,7 @@ class Allocation:
     weights: dict[str, float]
     config: AllocationConfig
     provenance: dict[str, Any] = field(default_factory=dict)
+    backbone: str = ""
 
     @property
     def total_rank(self) -> int:
@@ -56,16 +61,36 @@ class Allocation:
         rank = self.config.avg_rank if rank is None else rank
         return sum(rank * (d_out + d_in) for d_out, d_in in self.shapes.values())
 
+    def relative_ranks(self) -> dict[str, int]:
+        """``{module name relative to the backbone: rank}``: the keys of the LoraConfig."""
+        from senslora.peft_bridge import relative_name
+
+        relative = {relative_name(name, self.backbone): r for name, r in self.ranks.items()}
+        if len(relative) != len(self.ranks):
+            raise ValueError(
+                f"two modules have the same name relative to the backbone {self.backbone!r}"
+            )
+        return relative
+
+    def with_backbone(self, backbone: str) -> Allocation:
+        """A copy that names ``backbone`` as the measured model's backbone, e.g. ``"bert"`` for
+        an allocation file that holds full ``bert.encoder...`` names but no backbone."""
+        if not isinstance(backbone, str):
+            raise ValueError(f"expected the backbone as a dotted module path, got {backbone!r}")
+        return replace(self, backbone=backbone)
+
     def to_lora_config(
         self, base: peft.LoraConfig | None = None, alpha_policy: str = "scale"
     ) -> peft.LoraConfig:
-        """A peft LoraConfig with one anchored ``rank_pattern``/``alpha_pattern`` key per module."""
+        """A peft LoraConfig with one ``rank_pattern``/``alpha_pattern`` key per module, named
+        relative to the backbone and matched by peft as a suffix (see `senslora.peft_bridge`)."""
         from senslora.peft_bridge import build_lora_config
 
         return build_lora_config(self, base, alpha_policy=alpha_policy)
 
     def check_model(self, model: nn.Module) -> None:
-        """Refuse a model whose modules differ from the ones this allocation was made for."""
+        """Refuse a model in which a module of this allocation (named relative to the backbone)
+        matches no module, several, or one of another shape."""
         from senslora.serialization import check_model_matches
 
         check_model_matches(self, model)
@@ -164,8 +189,13 @@ def allocate_ranks(
     config: AllocationConfig | None = None,
     *,
     provenance: Mapping[str, Any] | None = None,
+    backbone: str = "",
 ) -> Allocation:
-    """Per-module ranks from curvature statistics, under the same budget as uniform LoRA."""
+    """Per-module ranks from curvature statistics, under the same budget as uniform LoRA.
+
+    ``backbone``: the backbone's path in the measured model (`senslora.peft_bridge.
+    backbone_prefix(model)`); the LoraConfig names modules relative to it.
+    """
     config = config or AllocationConfig()
     if not stats:
         raise ValueError("no statistics to allocate from: the target modules were empty")
@@ -193,6 +223,7 @@ def allocate_ranks(
         weights={k: float(getattr(scores, k)) for k in ("beta1", "beta2", "gamma1", "gamma2")},
         config=config,
         provenance=dict(provenance or {}),
+        backbone=backbone,
     )
 
 

@@ -1,7 +1,9 @@
 """``allocation.json``: the allocation, its metrics, configuration and provenance, on disk.
 
 The file is written atomically. Loading checks the schema; applying checks that the file belongs
-to the model (same module names and shapes, summarised by a fingerprint).
+to the model (every module, named relative to the backbone, matches exactly one module of the
+model with the same shape; the shapes are summarised by a fingerprint). ``backbone`` was added
+without a new schema version: files without it load with ``backbone = ""`` (full names).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def allocation_to_dict(
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
+        "backbone": allocation.backbone,
         "ranks": dict(allocation.ranks),
         "alphas": dict(alphas) if alphas is not None else None,
         "modules": {
@@ -137,6 +140,9 @@ def allocation_from_dict(data: Any, source: str = "allocation") -> Allocation:
         config = AllocationConfig.from_dict(data["config"])
     except (TypeError, ValueError) as error:
         raise fail(f"invalid config: {error}") from None
+    backbone = data.get("backbone", "")
+    if not isinstance(backbone, str):
+        raise fail(f"expected 'backbone' to be a dotted module path, got {backbone!r:.80}")
     shapes = {name: tuple(modules[name]["shape"]) for name in ranks}
     fingerprint = data["provenance"].get("model_fingerprint")
     if fingerprint is not None and fingerprint != shapes_fingerprint(shapes):
@@ -148,6 +154,7 @@ def allocation_from_dict(data: Any, source: str = "allocation") -> Allocation:
         weights={k: float(v) for k, v in data["weights"].items()},
         config=config,
         provenance=dict(data["provenance"]),
+        backbone=backbone,
     )
 
 
@@ -156,21 +163,23 @@ def _is_finite_number(value: Any) -> bool:
 
 
 def check_model_matches(allocation: Allocation, model: nn.Module) -> None:
-    """Raise ValueError naming the first module of the allocation that the model lacks or has
-    with another shape."""
+    """Raise ValueError naming the modules of the allocation (relative to its backbone) that
+    match no module of ``model``, several, or one that is not a Linear/Conv1D of that shape."""
+    from senslora.peft_bridge import resolve_modules
+
+    relative = dict(zip(allocation.relative_ranks(), allocation.ranks, strict=True))
+    found = resolve_modules(relative, model)
     modules = dict(model.named_modules())
-    for name, shape in allocation.shapes.items():
-        module = modules.get(name)
-        if module is None:
-            raise ValueError(f"allocation does not fit this model: it has no module {name!r}")
+    for key, target in found.items():
+        module, shape = modules[target], allocation.shapes[relative[key]]
         if not is_adaptable(module):
             raise ValueError(
-                f"allocation does not fit this model: {name} is a {type(module).__name__}, "
+                f"allocation does not fit this model: {target} is a {type(module).__name__}, "
                 "not a Linear/Conv1D layer"
             )
         got = layer_shape(module)
         if (got.out_features, got.in_features) != tuple(shape):
             raise ValueError(
-                f"allocation does not fit this model: {name} is {got.out_features}x"
+                f"allocation does not fit this model: {target} is {got.out_features}x"
                 f"{got.in_features} here but {shape[0]}x{shape[1]} in the allocation"
             )
