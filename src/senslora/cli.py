@@ -87,6 +87,11 @@ def allocate(
         help="Effective rank over the Hessian 'diagonal' or the 'eigenvalues' of "
         "2XX^T (activation only; O(d_in^2) memory per module).",
     ),
+    curvature: str = typer.Option(
+        "hessian",
+        help="What the metrics read per weight: hessian (the diagonal h_qq, eqs. 6-10) | inverse "
+        "(1/[(H + lambda I)^-1]_qq, Section 4.6; activation only; O(d_in^2) memory per module).",
+    ),
     min_rank: int = typer.Option(1, help="Smallest rank; 0 lets a matrix go without adapter."),
     max_rank: int = typer.Option(None, help="Largest rank (default: min(d_in, d_out))."),
     lora_alpha: float = typer.Option(
@@ -141,6 +146,7 @@ def allocate(
             top_k_fraction=top_k_fraction,
             effective_rank_threshold=effective_rank_threshold,
             spectrum=spectrum,
+            curvature=curvature,
         )
         calibration = CalibrationConfig(
             source=calib,
@@ -219,7 +225,7 @@ def _allocate(
         batches,
         estimator=estimator,
         targets=_target_spec(targets),
-        keep_gram=config.spectrum == "eigenvalues",
+        keep_gram=config.spectrum == "eigenvalues" or config.curvature == "inverse",
         num_probes=num_probes,
         seed=calibration.seed,
         model_path=model_path,

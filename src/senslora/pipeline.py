@@ -20,6 +20,7 @@ from senslora.allocation import Allocation, allocate_ranks
 from senslora.config import AllocationConfig
 from senslora.data import CalibrationConfig, count_tokens, describe_source
 from senslora.estimators import collect_statistics
+from senslora.peft_bridge import backbone_prefix
 from senslora.stats import ModuleStats
 from senslora.targets import TargetSpec
 
@@ -49,9 +50,13 @@ class Calibrated:
 
     stats: dict[str, ModuleStats]
     provenance: dict[str, Any]
+    backbone: str = ""
+    """The backbone's path in the measured model: the LoraConfig's keys are relative to it."""
 
     def allocate(self, config: AllocationConfig) -> Allocation:
-        return allocate_ranks(self.stats, config, provenance=self.provenance)
+        return allocate_ranks(
+            self.stats, config, provenance=self.provenance, backbone=self.backbone
+        )
 
 
 def calibrate(
@@ -100,15 +105,17 @@ def calibrate(
         "calibration_seconds": round(time.perf_counter() - start, 3),
         "world_size": _world_size(),
     }
-    return Calibrated(stats, provenance)
+    return Calibrated(stats, provenance, backbone_prefix(model))
 
 
 def allocate_model(
     model: nn.Module, batches: Sequence[dict], config: AllocationConfig, **calibrate_options
 ) -> Allocation:
     """`calibrate` then `allocate_ranks`: the allocation of ``model`` with its provenance.
-    ``calibrate_options`` are those of `calibrate`; the eigenvalue spectrum keeps 2XX^T."""
-    calibrate_options.setdefault("keep_gram", config.spectrum == "eigenvalues")
+    ``calibrate_options`` are those of `calibrate`; the eigenvalue spectrum and the inverse
+    curvature keep the whole 2XX^T."""
+    keep_gram = config.spectrum == "eigenvalues" or config.curvature == "inverse"
+    calibrate_options.setdefault("keep_gram", keep_gram)
     return calibrate(model, batches, **calibrate_options).allocate(config)
 
 

@@ -15,7 +15,12 @@ method touches this file (and its test) alone.
   masks the generated singular values (`HyperAdaLoraCallback` every step); the saved adapter is
   a plain LoRA of the kept components (`materialise`). ``hyperadalora_init="senslora"`` starts
   from the senslora allocation;
-- ``eva``: peft's EVA (SVD of activations initialises A and redistributes ranks, same total).
+- ``eva``: peft's EVA (SVD of activations initialises A and redistributes ranks, same total);
+- the controls of the equal-parameter study (docs/results.md): ``lora-matched`` (uniform LoRA
+  whose parameter count is closest to senslora's equal-rank allocation), ``size-prior``
+  (theta = d_out x d_in, no calibration), ``shuffled`` (senslora's ranks permuted among
+  matrices of the same shape, seeded), and ``senslora-fisher`` (the empirical Fisher of the
+  task's own labelled training examples instead of the activation Hessian of unlabelled text).
 """
 
 from __future__ import annotations
@@ -32,6 +37,12 @@ from transformers import TrainerCallback
 
 from senslora.allocation import Allocation
 from senslora.config import AllocationConfig
+from senslora.controls import (
+    matched_uniform_rank,
+    model_shapes,
+    shuffle_ranks,
+    size_prior_allocation,
+)
 from senslora.finetune.hyperadalora import (
     HyperAdaLora,
     HyperAdaLoraCallback,
@@ -42,7 +53,7 @@ from senslora.finetune.hyperadalora import (
     scale_ranks,
     token_layout,
 )
-from senslora.peft_bridge import injected_ranks, lora_patterns, verify_ranks
+from senslora.peft_bridge import backbone_prefix, injected_ranks, lora_patterns, verify_ranks
 from senslora.pipeline import Calibration, allocate_model
 from senslora.report import concentration_note
 from senslora.targets import find_target_modules, layer_shape
@@ -68,7 +79,9 @@ class RunContext:
     calibration: Calibration
     """Where those batches come from, for the allocation's provenance."""
     train_batches: Callable[[], Sequence[dict]]
-    """The first batches of the labelled training set (EVA, task-aware estimators)."""
+    """The first batches of the labelled training set (EVA)."""
+    labelled_batches: Callable[[], Sequence[dict]] = list
+    """``calib_samples`` labelled training examples drawn with the seed (task-aware estimators)."""
     model_path: str | None = None
     saved_allocation: Allocation | None = None
     """The allocation of an interrupted run, reused when it resumes."""
@@ -130,27 +143,32 @@ class Sensitivity(Method):
 
     name: str = "senslora"
     variant: tuple[tuple[str, Any], ...] = ()
+    estimator: str | None = None
+    """None: ``config.estimator`` on ``config.calib``; 'fisher': the Fisher of the labelled
+    training examples (the task's own loss)."""
 
-    def allocation_config(self, config: TrainConfig) -> AllocationConfig:
-        return AllocationConfig(
-            avg_rank=config.avg_rank,
-            max_rank=config.max_rank,
-            budget=config.budget,
-            **dict(self.variant),
-        )
+    def allocation_config(self, config: TrainConfig, **overrides: Any) -> AllocationConfig:
+        fields = {"avg_rank": config.avg_rank, "max_rank": config.max_rank, "budget": config.budget}
+        return AllocationConfig(**{**fields, **dict(self.variant), **overrides})
 
-    def allocate(self, model: nn.Module, ctx: RunContext) -> Allocation:
+    def allocate(self, model: nn.Module, ctx: RunContext, **overrides: Any) -> Allocation:
+        """The allocation of this variant (``overrides``: AllocationConfig fields)."""
         if ctx.saved_allocation is not None:
             return ctx.saved_allocation
+        labelled = self.estimator is not None
         allocation = allocate_model(
             model,
-            ctx.calibration_batches(),
-            self.allocation_config(ctx.config),
-            estimator=ctx.config.estimator,
+            ctx.labelled_batches() if labelled else ctx.calibration_batches(),
+            self.allocation_config(ctx.config, **overrides),
+            estimator=self.estimator or ctx.config.estimator,
             targets=ctx.targets,
             seed=ctx.config.seed,
             model_path=ctx.model_path,
-            calibration=ctx.calibration,
+            calibration=(
+                Calibration(description="the task's labelled training examples")
+                if labelled
+                else ctx.calibration
+            ),
         )
         note = concentration_note(allocation)
         if note:
@@ -158,11 +176,63 @@ class Sensitivity(Method):
         return allocation
 
     def prepare(self, model, ctx):
-        allocation = self.allocate(model, ctx)
-        allocation.check_model(model)
-        peft_model = peft.get_peft_model(model, allocation.to_lora_config(ctx.lora_config()))
-        verify_ranks(peft_model, allocation)
-        return Prepared(peft_model, allocation)
+        return _apply(model, ctx, self.allocate(model, ctx))
+
+
+class LoraMatched(Method):
+    """Uniform LoRA at the rank whose parameter count is closest to senslora's equal-rank
+    allocation (209,664 on MiniLM -> r = 5, 207,360): the baseline of an equal-rank comparison.
+    alpha/r stays that of uniform LoRA at the average rank."""
+
+    name = "lora-matched"
+
+    def prepare(self, model, ctx):
+        reference = METHODS["senslora"].allocate(model, _without_saved(ctx), budget="rank")
+        rank = matched_uniform_rank(reference.shapes, reference.num_parameters)
+        base = ctx.lora_config()
+        lora = dataclasses.replace(base, r=rank, lora_alpha=base.lora_alpha * rank / base.r)
+        report = {"matched_rank": rank, "matched_parameters": reference.num_parameters}
+        return Prepared(peft.get_peft_model(model, lora), report=report)
+
+
+class SizePrior(Method):
+    """theta = d_out x d_in through senslora's rounding and budget: no calibration, no weights.
+    Answers "is it the data or the shapes?"."""
+
+    name = "size-prior"
+
+    def prepare(self, model, ctx):
+        allocation = ctx.saved_allocation or size_prior_allocation(
+            model_shapes(model, ctx.targets),
+            METHODS["senslora"].allocation_config(ctx.config),
+        ).with_backbone(backbone_prefix(model))
+        return _apply(model, ctx, allocation)
+
+
+class Shuffled(Method):
+    """senslora's ranks permuted among matrices of the same shape (seeded with the run's seed):
+    the same parameter count and shape profile, the per-matrix assignment destroyed. Answers
+    "does the specific assignment matter?"."""
+
+    name = "shuffled"
+
+    def prepare(self, model, ctx):
+        allocation = ctx.saved_allocation or shuffle_ranks(
+            METHODS["senslora"].allocate(model, ctx), seed=ctx.config.seed
+        )
+        return _apply(model, ctx, allocation)
+
+
+def _apply(model: nn.Module, ctx: RunContext, allocation: Allocation) -> Prepared:
+    """``model`` with ``allocation``'s ranks, checked before and after injection."""
+    allocation.check_model(model)
+    peft_model = peft.get_peft_model(model, allocation.to_lora_config(ctx.lora_config()))
+    verify_ranks(peft_model, allocation)
+    return Prepared(peft_model, allocation)
+
+
+def _without_saved(ctx: RunContext) -> RunContext:
+    return dataclasses.replace(ctx, saved_allocation=None)
 
 
 class AdaLoraCallback(TrainerCallback):
@@ -300,6 +370,7 @@ def prepare_model(
     calibration_batches: Callable[[], Sequence[dict]],
     train_batches: Callable[[], Sequence[dict]],
     total_steps: int,
+    labelled_batches: Callable[[], Sequence[dict]] = list,
     calibration: Calibration | None = None,
 ) -> Prepared:
     """``model`` wrapped by ``config.method`` outside a training run (the run builds the same
@@ -312,6 +383,7 @@ def prepare_model(
         calibration_batches=calibration_batches,
         calibration=calibration or Calibration(description="user batches"),
         train_batches=train_batches,
+        labelled_batches=labelled_batches,
     )
     return METHODS[config.method].prepare(model, context)
 
@@ -336,6 +408,10 @@ METHODS: dict[str, Method] = {
         Sensitivity("senslora-global", (("score", "global"),)),
         Sensitivity("senslora-local", (("score", "local"),)),
         Sensitivity("senslora-pra", (("scheme", "pra"),)),
+        Sensitivity("senslora-fisher", estimator="fisher"),
+        LoraMatched(),
+        SizePrior(),
+        Shuffled(),
         AdaLora(),
         HyperAdaLoraMethod(),
         Eva(),

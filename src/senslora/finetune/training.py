@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import random
 import resource
 import shutil
 import time
@@ -226,6 +227,7 @@ def _context(config: TrainConfig, run: LoadedRun, saved: Path) -> RunContext:
         train_batches=lambda: list(
             _first_batches(run.train_set, run.collator, config.batch_size, 32)
         ),
+        labelled_batches=lambda: _labelled_sample(run, config),
         model_path=run.model_path,
         saved_allocation=load_allocation(saved) if saved.exists() else None,
     )
@@ -344,6 +346,18 @@ def _calibration_config(config: TrainConfig) -> CalibrationConfig:
         seq_len=config.calib_seq_len,
         seed=config.seed,
     )
+
+
+def _labelled_sample(run: LoadedRun, config: TrainConfig, batch_size: int = 8) -> list[dict]:
+    """``calib_samples`` training examples with their labels, drawn with the run's seed, in
+    padded batches: what a task-aware estimator (fisher) calibrates on."""
+    count = min(config.calib_samples, len(run.train_set))
+    chosen = sorted(random.Random(config.seed).sample(range(len(run.train_set)), count))
+    examples = [run.train_set[i] for i in chosen]
+    return [
+        run.collator(examples[start : start + batch_size])
+        for start in range(0, len(examples), batch_size)
+    ]
 
 
 def _first_batches(dataset, collator, batch_size: int, limit: int):

@@ -1,0 +1,98 @@
+"""The controls of the equal-parameter study as fine-tuning methods: what each one injects."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from conftest import tiny_bert, token_batches
+
+from senslora.controls import matched_uniform_rank
+from senslora.finetune.config import TrainConfig
+from senslora.finetune.methods import METHODS, prepare_model
+from senslora.peft_bridge import injected_ranks
+
+
+def prepared(method: str, seed: int = 0, **options):
+    config = TrainConfig(method=method, avg_rank=3, seed=seed, **options)
+    return prepare_model(
+        tiny_bert(),
+        config,
+        task_type="SEQ_CLS",
+        calibration_batches=lambda: token_batches(num_batches=2, batch=4, length=9),
+        train_batches=lambda: token_batches(labels=True),
+        labelled_batches=lambda: token_batches(num_batches=2, batch=4, length=9, labels=True),
+        total_steps=10,
+    )
+
+
+def lora_parameters(result) -> int:
+    return sum(p.numel() for n, p in result.model.named_parameters() if "lora_" in n)
+
+
+def shape_profile(allocation) -> Counter:
+    return Counter((allocation.shapes[n], r) for n, r in allocation.ranks.items())
+
+
+def test_every_method_is_registered_once_by_its_name():
+    assert all(method.name == name for name, method in METHODS.items())
+    for name in ("lora-matched", "size-prior", "shuffled", "senslora-fisher"):
+        assert name in METHODS
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_shuffled_keeps_the_parameter_count_and_shape_profile(seed):
+    budget = {"budget": "parameters"}
+    original = prepared("senslora", seed=seed, **budget)
+    shuffled = prepared("shuffled", seed=seed, **budget)
+    assert lora_parameters(shuffled) == lora_parameters(original)
+    assert shape_profile(shuffled.allocation) == shape_profile(original.allocation)
+    assert injected_ranks(shuffled.model) == shuffled.allocation.ranks
+    assert shuffled.allocation.provenance["shuffle_seed"] == seed
+    assert shuffled.allocation.ranks != original.allocation.ranks  # it permutes
+
+
+def test_size_prior_needs_no_calibration_pass():
+    def no_data():
+        raise AssertionError("the size prior must not read calibration data")
+
+    config = TrainConfig(method="size-prior", avg_rank=3, budget="parameters")
+    result = prepare_model(
+        tiny_bert(),
+        config,
+        task_type="SEQ_CLS",
+        calibration_batches=no_data,
+        train_batches=no_data,
+        labelled_batches=no_data,
+        total_steps=10,
+    )
+    uniform = prepared("lora")
+    assert lora_parameters(result) <= lora_parameters(uniform)
+    ranks = result.allocation.ranks
+    sizes = {n: d_out * d_in for n, (d_out, d_in) in result.allocation.shapes.items()}
+    largest, smallest = max(sizes, key=sizes.get), min(sizes, key=sizes.get)
+    assert ranks[largest] > ranks[smallest]  # ranks follow the size alone
+
+
+def test_lora_matched_is_uniform_at_the_closest_parameter_count():
+    reference = prepared("senslora", budget="rank").allocation
+    result = prepared("lora-matched")
+    rank = matched_uniform_rank(reference.shapes, reference.num_parameters)
+    assert set(injected_ranks(result.model).values()) == {rank}
+    assert result.report == {
+        "matched_rank": rank,
+        "matched_parameters": reference.num_parameters,
+    }
+    alphas = {m.lora_alpha["default"] for m in result.model.modules() if hasattr(m, "lora_alpha")}
+    assert alphas == {2.0 * 3 * rank / 3}  # alpha/r of uniform LoRA at the average rank
+
+
+def test_senslora_fisher_calibrates_on_the_labelled_examples():
+    result = prepared("senslora-fisher", budget="parameters")
+    provenance = result.allocation.provenance
+    assert provenance["estimator"] == "fisher"
+    assert provenance["calibration"] == "the task's labelled training examples"
+    assert provenance["num_sequences"] == 8
+    activation = prepared("senslora", budget="parameters").allocation
+    thetas = [m["theta"] for m in result.allocation.metrics.values()]
+    assert thetas != [m["theta"] for m in activation.metrics.values()]
