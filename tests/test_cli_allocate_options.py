@@ -162,3 +162,25 @@ def test_alpha_policy_and_lora_alpha(run, policy):
     )
     assert adapter["rank_pattern"] == {pattern_key(n): r for n, r in ranks.items()}
     assert len(set(ranks.values())) > 1  # else every policy would give the same alphas
+
+
+@pytest.mark.parametrize("policy", ["scale", "rslora"])
+def test_cli_adapter_config_builds_the_allocated_model(run, model_dir, tmp_path, policy):
+    """The adapter_config.json the CLI writes, loaded by peft onto the model, gives every module
+    its allocated rank and the scaling of its alpha_pattern entry."""
+    import peft
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForSequenceClassification
+
+    document, adapter = run("--alpha-policy", policy, "--lora-alpha", 6)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(adapter))
+    config = peft.LoraConfig.from_pretrained(tmp_path)
+    model = peft.get_peft_model(
+        AutoModelForSequenceClassification.from_pretrained(model_dir), config
+    )
+    layers = {n: m for n, m in model.get_base_model().named_modules() if isinstance(m, LoraLayer)}
+    assert {n: m.r["default"] for n, m in layers.items()} == document["ranks"]
+    for name, layer in layers.items():
+        rank, alpha = document["ranks"][name], document["alphas"][name]
+        divisor = math.sqrt(rank) if policy == "rslora" else rank
+        assert layer.scaling["default"] == pytest.approx(alpha / divisor), name
