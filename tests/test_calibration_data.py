@@ -11,6 +11,7 @@ import sys
 import pandas as pd
 import pytest
 import torch
+from conftest import missing_asset
 
 from senslora.data import (
     CalibrationConfig,
@@ -142,7 +143,7 @@ def test_real_wikipedia_sample_is_clean_prose() -> None:
     try:
         path = wikipedia_sample_path()
     except FileNotFoundError as error:
-        pytest.skip(str(error))
+        missing_asset(str(error))
     articles = read_wikipedia_articles(path)
     # gensim 4.4.0's file: 206 pages, 100 of them redirects.
     assert len(articles) == 106
@@ -337,7 +338,7 @@ def minilm_tokenizer():
     try:
         path = minilm_path()
     except FileNotFoundError as error:
-        pytest.skip(str(error))
+        missing_asset(str(error))
     return transformers.AutoTokenizer.from_pretrained(path)
 
 

@@ -6,7 +6,7 @@ import json
 
 import peft
 import pytest
-from conftest import tiny_bert
+from conftest import missing_asset, tiny_bert
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
@@ -23,7 +23,7 @@ def tiny_model_dir(tmp_path_factory):
     try:
         tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     except FileNotFoundError:
-        pytest.skip("the MiniLM package is not installed (make setup)")
+        missing_asset("the MiniLM package is not installed (make setup)")
     folder = tmp_path_factory.mktemp("tiny-bert")
     model = tiny_bert()
     model.resize_token_embeddings(tokenizer.vocab_size)
@@ -145,8 +145,10 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
 
 @pytest.mark.real_model
 def test_allocate_on_the_real_minilm_and_wikipedia(tmp_path):
-    if not minilm_path().exists():  # pragma: no cover
-        pytest.skip("MiniLM not installed")
+    try:
+        minilm_path()
+    except FileNotFoundError as error:
+        missing_asset(str(error))
     result = run("--out", tmp_path, "--num-samples", 16, "--seq-len", 64)
     assert result.exit_code == 0, result.output
     allocation = senslora.load_allocation(tmp_path)

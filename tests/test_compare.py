@@ -54,9 +54,12 @@ def test_compare_allocations(allocations):
     assert other.spearman_theta == pytest.approx(
         spearman([a.metrics[n]["theta"] for n in names], [b.metrics[n]["theta"] for n in names])
     )
-    if other.largest_differences:
-        name, rank_a, rank_b = other.largest_differences[0]
-        assert abs(rank_a - rank_b) == max(differences) and a.ranks[name] == rank_a
+    assert max(differences) > 0  # the two calibration sets give different ranks
+    name, rank_a, rank_b = other.largest_differences[0]
+    assert abs(rank_a - rank_b) == max(differences)
+    assert (a.ranks[name], b.ranks[name]) == (rank_a, rank_b)
+    for listed, ra, rb in other.largest_differences:
+        assert ra != rb and (a.ranks[listed], b.ranks[listed]) == (ra, rb)
     shifted = dataclasses.replace(b, config=AllocationConfig(avg_rank=5))
     assert compare_allocations(a, shifted).config_differences == {"avg_rank": (3, 5)}
 

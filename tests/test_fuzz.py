@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from senslora import AllocationConfig, allocate_ranks, load_allocation
+from senslora.allocation import METRIC_KEYS
 from senslora.config import SCORES, WEIGHTINGS
 from senslora.data import load_texts
 from senslora.serialization import allocation_to_dict
@@ -55,12 +56,14 @@ def allocation_configs(draw):
     avg_rank = draw(st.integers(1, 16))
     min_rank = draw(st.integers(0, avg_rank))
     max_rank = draw(st.one_of(st.none(), st.integers(max(min_rank, 1), 20)))
+    scheme = draw(st.sampled_from(["sra", "pra"]))
     return AllocationConfig(
         avg_rank=avg_rank,
         min_rank=min_rank,
         max_rank=max_rank,
-        scheme=draw(st.sampled_from(["sra", "pra"])),
-        budget=draw(st.sampled_from(["rank", "parameters"])),
+        scheme=scheme,
+        # PRA refuses a parameter budget (tested below): drawn it would waste half its cases
+        budget="rank" if scheme == "pra" else draw(st.sampled_from(["rank", "parameters"])),
         score=draw(st.sampled_from(SCORES)),
         weighting=draw(st.sampled_from(WEIGHTINGS)),
         top_k_fraction=draw(st.floats(0.01, 1.0)),
@@ -69,15 +72,28 @@ def allocation_configs(draw):
     )
 
 
+def _expected_error(stats, config) -> str | None:
+    """The message (a regex) allocate_ranks must raise for this case, None if it must succeed:
+    worked out from the bounds alone, the only reason these statistics can be refused."""
+    caps = [min(s.shape.out_features, s.shape.in_features) for s in stats.values()]
+    highs = [min(c, config.max_rank or c) for c in caps]
+    lows = [min(config.min_rank, h) for h in highs]
+    target = config.avg_rank * len(caps)
+    if config.budget == "rank" and not sum(lows) <= target <= sum(highs):
+        return "cannot be met" if config.scheme == "sra" else "bounds cannot hold the budget"
+    return None
+
+
 @FUZZ
 @given(stats=module_stats(), config=allocation_configs())
-def test_allocation_is_valid_or_a_clear_error(stats, config):
-    try:
-        allocation = allocate_ranks(stats, config)
-    except ValueError as error:
-        message = str(error)
-        assert message and "\n" not in message
+def test_allocation_is_valid_or_the_expected_error(stats, config):
+    expected = _expected_error(stats, config)
+    if expected is not None:
+        with pytest.raises(ValueError, match=expected) as error:
+            allocate_ranks(stats, config)
+        assert "\n" not in str(error.value)
         return
+    allocation = allocate_ranks(stats, config)  # any error here fails the case
     caps = {n: min(s.shape.out_features, s.shape.in_features) for n, s in stats.items()}
     for name, rank in allocation.ranks.items():
         upper = min(caps[name], config.max_rank or caps[name])
@@ -88,6 +104,16 @@ def test_allocation_is_valid_or_a_clear_error(stats, config):
         assert allocation.num_parameters <= allocation.uniform_parameters()
     again = allocate_ranks(stats, config)
     assert again.ranks == allocation.ranks
+
+
+def test_pra_refuses_a_parameter_budget():
+    stats = {
+        "m": ModuleStats("m", LayerShape(4, 4, False), "activation", column_values=torch.ones(4))
+    }
+    stats["m"].num_tokens = 1
+    config = AllocationConfig(avg_rank=2, scheme="pra", budget="parameters")
+    with pytest.raises(ValueError, match="PRA scheme supports budget='rank' only"):
+        allocate_ranks(stats, config)
 
 
 # ---------------------------------------------------------------------------------------
@@ -136,6 +162,15 @@ def _paths(document, prefix=()):
 PATHS = [p for p in _paths(VALID) if p]
 
 
+_plausible_values = (
+    st.integers(0, 20)
+    | st.lists(st.integers(1, 20), min_size=2, max_size=2)  # another valid shape
+    | st.floats(0, 10)
+)
+"""Values of the kinds the file holds, so that many edits pass the schema check: an edited rank,
+shape or metric that loads must be the edit itself, and an edited shape must not load."""
+
+
 @st.composite
 def mutated_documents(draw):
     document = copy.deepcopy(VALID)
@@ -148,7 +183,7 @@ def mutated_documents(draw):
             if draw(st.booleans()) and isinstance(parent, dict):
                 parent.pop(path[-1], None)
             else:
-                parent[path[-1]] = draw(json_values)
+                parent[path[-1]] = draw(json_values | _plausible_values)
         except (KeyError, IndexError, TypeError):
             continue  # an earlier mutation removed this path
     return document
@@ -161,18 +196,53 @@ def _load(text: str | bytes):
         return load_allocation(path)
 
 
-def _loads_or_clear_error(content) -> None:
+def _loads_or_clear_error(document) -> None:
+    """Load the edited document: a one-line ValueError, or an allocation that says exactly what
+    the document says. The module shapes may differ from the valid file's only if the edit
+    check failed, so a loaded file with other shapes means the check let an edit through."""
     try:
-        _load(content)
-    except (ValueError, FileNotFoundError) as error:
-        assert str(error)
-    # any other exception type fails the test
+        allocation = _load(json.dumps(document))
+    except ValueError as error:
+        assert str(error) and "\n" not in str(error)
+        return
+    assert allocation.ranks == document["ranks"]
+    assert allocation.shapes == {n: tuple(m["shape"]) for n, m in document["modules"].items()}
+    assert allocation.shapes == {n: tuple(m["shape"]) for n, m in VALID["modules"].items()}
+    for name, entry in document["modules"].items():
+        assert allocation.metrics[name] == {k: entry[k] for k in METRIC_KEYS}
+    assert allocation.weights == document["weights"]
+    assert allocation.config.to_dict() == {**AllocationConfig().to_dict(), **document["config"]}
+    assert allocation.provenance == document["provenance"]
 
 
 @FUZZ
 @given(document=mutated_documents())
 def test_mutated_allocation_json_is_loaded_or_refused(document):
-    _loads_or_clear_error(json.dumps(document))
+    _loads_or_clear_error(document)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d["provenance"].pop("model_fingerprint"),
+        lambda d: d["provenance"].update(model_fingerprint=None),
+        lambda d: d["provenance"].update(model_fingerprint=12),
+    ],
+    ids=["deleted", "null", "number"],
+)
+def test_a_file_without_its_fingerprint_is_refused(edit):
+    """Without the fingerprint an edited shape would load unchecked."""
+    document = copy.deepcopy(VALID)
+    edit(document)
+    with pytest.raises(ValueError, match="model_fingerprint"):
+        _load(json.dumps(document))
+
+
+def test_an_edited_shape_is_refused():
+    document = copy.deepcopy(VALID)
+    document["modules"]["layer.0.proj"]["shape"] = [5, 3]
+    with pytest.raises(ValueError, match="the file was edited"):
+        _load(json.dumps(document))
 
 
 @FUZZ

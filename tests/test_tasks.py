@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import missing_asset
 
 from senslora.data import read_wikipedia_articles
 from senslora.finetune.tasks import (
@@ -29,10 +30,31 @@ REAL_TASKS = ("cola", "sst2", "mrpc", "rte")
 """Tasks read from ../shared/data/glue; the fixtures hold only the formats it has no data for."""
 
 # ---------------------------------------------------------------------------------------
-# Real GLUE files (../shared/data/glue), skipped where absent
+# Real GLUE files (../shared/data/glue), skipped where absent (failed in CI)
 
 
-@pytest.mark.skipif(not REAL_GLUE.is_dir(), reason="real GLUE data not present")
+def require_glue(folder: Path) -> Path:
+    if not folder.is_dir():
+        missing_asset(f"real GLUE data not present at {folder}")
+    return folder
+
+
+@pytest.fixture
+def real_glue():
+    return require_glue(REAL_GLUE)
+
+
+def test_missing_glue_data_fails_in_ci_and_is_skipped_elsewhere(monkeypatch, tmp_path):
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="real GLUE data not present.*CI is set"):
+        require_glue(tmp_path / "glue")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="real GLUE data not present"):
+        require_glue(tmp_path / "glue")
+    assert require_glue(tmp_path) == tmp_path
+
+
+@pytest.mark.usefixtures("real_glue")
 @pytest.mark.parametrize(
     ("task", "n_train", "n_dev", "positive_share"),
     [
@@ -56,7 +78,7 @@ def test_real_glue_files_parse_completely(task, n_train, n_dev, positive_share):
     assert all((example.text_b is None) == (task in ("sst2", "cola")) for example in loaded.train)
 
 
-@pytest.mark.skipif(not REAL_GLUE.is_dir(), reason="real GLUE data not present")
+@pytest.mark.usefixtures("real_glue")
 @pytest.mark.parametrize(
     ("spec", "main_metric", "first"),
     [
@@ -159,7 +181,7 @@ def test_glue_fixture_tasks(spec, num_labels, main_metric, first):
     assert all(len(examples) == 5 for examples in task.dev.values())
 
 
-@pytest.mark.skipif(not REAL_GLUE.is_dir(), reason="real GLUE data not present")
+@pytest.mark.usefixtures("real_glue")
 def test_glue_label_orders_match_the_hub():
     expected = {
         "cola": ("unacceptable", "acceptable"),
@@ -191,7 +213,7 @@ def test_glue_metrics_and_label_values():
     ]  # fmt: skip
 
 
-@pytest.mark.skipif(not REAL_GLUE.is_dir(), reason="real GLUE data not present")
+@pytest.mark.usefixtures("real_glue")
 def test_real_glue_metrics():
     assert load_task("glue:mrpc", glue_dir=REAL_GLUE).metrics == ("accuracy", "f1")
     assert load_task("glue:cola", glue_dir=REAL_GLUE).metrics == ("matthews",)
@@ -238,7 +260,7 @@ def test_too_many_malformed_rows_raise(tmp_path):
         load_task("glue:qqp", glue_dir=_qqp_dir(tmp_path, good=97, bad=3))
 
 
-@pytest.mark.skipif(not REAL_GLUE.is_dir(), reason="real GLUE data not present")
+@pytest.mark.usefixtures("real_glue")
 def test_glue_header_without_the_expected_columns(tmp_path):
     shutil.copytree(REAL_GLUE / "RTE", tmp_path / "RTE")
     path = tmp_path / "RTE" / "train.tsv"

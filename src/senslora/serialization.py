@@ -145,7 +145,12 @@ def allocation_from_dict(data: Any, source: str = "allocation") -> Allocation:
         raise fail(f"expected 'backbone' to be a dotted module path, got {backbone!r:.80}")
     shapes = {name: tuple(modules[name]["shape"]) for name in ranks}
     fingerprint = data["provenance"].get("model_fingerprint")
-    if fingerprint is not None and fingerprint != shapes_fingerprint(shapes):
+    if not isinstance(fingerprint, str):  # without it an edited shape would load unchecked
+        raise fail(
+            "expected provenance.model_fingerprint to be the sha256 string written with the "
+            f"file, got {fingerprint!r:.80}"
+        )
+    if fingerprint != shapes_fingerprint(shapes):
         raise fail("model_fingerprint does not match the module shapes: the file was edited")
     return Allocation(
         ranks=dict(ranks),
