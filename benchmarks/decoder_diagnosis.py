@@ -46,8 +46,8 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny random Llama, tiny sizes")
     parser.add_argument("--gemma", type=Path, default=None, help="converted Gemma-3-270M folder")
-    parser.add_argument("--num-samples", type=int, default=128)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
@@ -166,6 +166,7 @@ def allocations(model, batches) -> dict:
         allocation = allocate_ranks(stats, config)
         trace = allocate_ranks(stats, dataclasses.replace(config, score="global"))
         seconds = time.perf_counter() - start
+        print(f"  {label}: {seconds:.0f} s", flush=True)
         ranks = allocation.ranks
         default = default or ranks
         largest = sorted(ranks.items(), key=lambda item: item[1], reverse=True)
@@ -195,6 +196,7 @@ def main() -> None:
     for name in names:
         model, tokenizer = load(name, args.gemma)
         batches = calibration_batches(tokenizer, calibration)
+        print(f"{name}: diagnosing", flush=True)
         results[name] = {
             "diagnosis": diagnose(model, tokenizer, batches),
             "allocations": allocations(model, batches),

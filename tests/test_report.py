@@ -45,7 +45,7 @@ def test_the_fewest_matrices_that_hold_half_are_named_with_their_shares():
     assert "model.layers.0.mlp.down_proj 40 (40%)" in note
     assert "model.layers.2.mlp.down_proj" not in note  # not needed to reach half
     assert "uniform ranks would spread 50% of it over 13" in note
-    assert "skip_positions=1" in note and "outlier_factor" in note
+    assert "skip_positions=1" in note and "outlier_factor" in note and "fisher" in note
     # four matrices needed for half: more than top=3, not flagged
     assert concentration_note(allocation([13, 13, 13, 13] + [2] * 24)) is None
 

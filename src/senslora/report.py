@@ -94,7 +94,9 @@ def concentration_note(allocation: Allocation, top: int = 3, share: float = 0.5)
     few ``down_proj`` matrices, top-k follows the trace and the σ/μ² weights favour the most
     heavy-tailed metric, so the combined score is the trace again (docs/method.md, "Decoders and
     massive activations"). The note points to the statistics that leave the sink tokens out
-    (``skip_positions`` / ``outlier_factor`` of `collect_statistics`) and to ``max_rank``.
+    (``skip_positions`` / ``outlier_factor`` of `collect_statistics`), to the Fisher estimator
+    (which spread both SmolLM2's and Gemma-3's allocation where the filters spread only
+    SmolLM2's; benchmarks/results/decoder_diagnosis.json) and to ``max_rank``.
     Models with fewer than ``4 * top`` matrices are never flagged: there, a few matrices are
     much of the model.
     """
@@ -114,10 +116,11 @@ def concentration_note(allocation: Allocation, top: int = 3, share: float = 0.5)
         f"{count} of {len(ranks)} matrices hold {held / total:.0%} of the total rank ({listed}); "
         f"uniform ranks would spread {share:.0%} of it over {round(share * len(ranks))}"
         + (f"; {len(full)} at full rank" if full else "")
-        + ". On a decoder this is the mark of massive activations on attention-sink tokens "
-        "(docs/method.md, 'Decoders and massive activations'): statistics without them "
-        "(collect_statistics(..., skip_positions=1) or outlier_factor=10) measure the text "
-        "instead; max_rank (--max-rank) caps any one matrix."
+        + ". On a decoder this is the mark of massive activations (docs/method.md, 'Decoders "
+        "and massive activations'): collect_statistics(..., skip_positions=1) or "
+        "outlier_factor=10 leave the attention-sink tokens out, the fisher estimator "
+        "(--estimator fisher, next-token loss) weighs inputs by what the loss sees; max_rank "
+        "(--max-rank) caps any one matrix."
     )
 
 
