@@ -212,12 +212,19 @@ def main() -> None:
                 "calibration": dataclasses.asdict(calibration),
                 "avg_rank": AVG_RANK,
                 "outlier_factor": OUTLIER_FACTOR,
-                "figure": str(args.figure),
+                "figure": _relative(args.figure),
             },
             "environment": environment(torch.device("cpu")),
             "models": results,
         },
     )
+
+
+def _relative(path: Path) -> str:
+    """``path`` relative to the repository when inside it (no machine-specific prefix)."""
+    root = Path(__file__).resolve().parent.parent
+    resolved = path.resolve()
+    return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else str(path)
 
 
 def plot(results: dict, path: Path) -> None:
