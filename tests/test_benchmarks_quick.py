@@ -103,3 +103,20 @@ def test_dispatch_count_quick(tmp_path, monkeypatch):
         assert alone["index_add_"] == alone["square_"] == copies
         assert per_batch["hooks"] < per_batch["hooks_per_input"]
         assert model["metrics_and_ranks"] <= 3 * model["targets"]  # no per-value torch calls
+
+
+@pytest.mark.real_model
+def test_decoder_diagnosis_quick(tmp_path, monkeypatch):
+    payload = run_quick("decoder_diagnosis", tmp_path / "out.json", monkeypatch)
+    assert (tmp_path / "out.png").is_file()
+    result = payload["models"]["tiny-llama"]
+    shares = result["diagnosis"]["down_proj"].values()
+    assert len(shares) == 2  # one row per layer of the tiny Llama
+    for row in shares:
+        assert 0 < row["first_token_share"] < 1 and 0 < row["top_channel_share"] < 1
+    allocations = result["allocations"]
+    assert len(allocations) == 4
+    for allocation in allocations.values():  # 2 layers x 7 matrices at average rank 8
+        assert sum(allocation["ranks"].values()) == 14 * 8
+        assert 0 < allocation["top3_share"] <= 1
+    assert allocations["default"]["spearman_to_default"] == pytest.approx(1.0)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from senslora.finetune.evaluation import (
     accuracy,
@@ -17,6 +19,7 @@ from senslora.finetune.evaluation import (
     pearson,
     rouge,
     spearman,
+    teacher_forced_loss,
 )
 from senslora.finetune.tasks import ClassificationTask, Example
 
@@ -130,3 +133,46 @@ def test_generation_metrics():
     assert scores == pytest.approx({"bleu4": 1.0, "rouge1": 1.0, "rougeL": 1.0})
     with pytest.raises(ValueError, match="as many hypotheses"):
         generation_metrics(["a"], [])
+
+
+class _TableLM(torch.nn.Module):
+    """Logits of position t are row input_ids[t] of a fixed table: a causal LM by hand."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.tensor(table), requires_grad=False)
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+def _nll(row, target):
+    """-log softmax(row)[target], by hand."""
+    return -(row[target] - math.log(sum(math.exp(v) for v in row)))
+
+
+def test_teacher_forced_loss_by_hand():
+    table = [[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.0, 3.0]]
+    model = _TableLM(table).train()
+    batches = [
+        # one sequence, labels on its last two tokens: positions 1 and 2 predict 1 and 2
+        {"input_ids": torch.tensor([[0, 1, 2]]), "labels": torch.tensor([[-100, 1, 2]])},
+        # two sequences, one labelled token each (the second padded with -100)
+        {
+            "input_ids": torch.tensor([[2, 0], [1, 1]]),
+            "attention_mask": torch.tensor([[1, 1], [1, 1]]),
+            "labels": torch.tensor([[-100, 0], [-100, -100]]),
+        },
+    ]
+    nlls = [_nll(table[0], 1), _nll(table[1], 2), _nll(table[2], 0)]
+    result = teacher_forced_loss(model, batches)
+    assert result["loss"] == pytest.approx(sum(nlls) / 3, rel=1e-6)  # per token, not per batch
+    assert result["perplexity"] == pytest.approx(math.exp(sum(nlls) / 3), rel=1e-6)
+    assert model.training  # mode restored
+
+
+def test_teacher_forced_loss_without_labelled_tokens():
+    model = _TableLM([[0.0, 1.0], [1.0, 0.0]])
+    batch = {"input_ids": torch.tensor([[0, 1]]), "labels": torch.tensor([[-100, -100]])}
+    with pytest.raises(ValueError, match="labelled token"):
+        teacher_forced_loss(model, [batch])

@@ -39,6 +39,17 @@ def test_three_matrices_with_half_the_rank_are_flagged():
     assert "full rank" not in note
 
 
+def test_the_fewest_matrices_that_hold_half_are_named_with_their_shares():
+    note = concentration_note(allocation([40, 20, 9, 9] + [1] * 22))  # total 100
+    assert note.startswith("2 of 26 matrices hold 60% of the total rank")  # 40 + 20 >= 50
+    assert "model.layers.0.mlp.down_proj 40 (40%)" in note
+    assert "model.layers.2.mlp.down_proj" not in note  # not needed to reach half
+    assert "uniform ranks would spread 50% of it over 13" in note
+    assert "skip_positions=1" in note and "outlier_factor" in note and "fisher" in note
+    # four matrices needed for half: more than top=3, not flagged
+    assert concentration_note(allocation([13, 13, 13, 13] + [2] * 24)) is None
+
+
 def test_full_rank_matrices_are_counted():
     note = concentration_note(allocation([8, 8, 8] + [1] * 12, shape=(8, 32)))
     assert note is not None and "3 at full rank" in note
@@ -84,5 +95,5 @@ def test_training_allocation_logs_the_note(caplog, monkeypatch):
     with caplog.at_level(logging.WARNING, logger="senslora.finetune.methods"):
         result = METHODS["senslora"].allocate(torch.nn.Linear(2, 2), context)
     assert result.ranks["layers.0.fc"] > 20
-    assert "3 of 16 matrices hold" in caplog.text
+    assert "2 of 16 matrices hold" in caplog.text  # the two dominant inputs, no third
     assert "layers.0.fc" in caplog.text

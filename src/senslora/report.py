@@ -85,28 +85,42 @@ def _title(allocation: Allocation) -> str:
 
 
 def concentration_note(allocation: Allocation, top: int = 3, share: float = 0.5) -> str | None:
-    """A warning when ``top`` matrices hold at least ``share`` of the total rank, else None.
+    """A warning when ``top`` matrices or fewer hold at least ``share`` of the total rank, else
+    None: it names the fewest matrices that do, the rank and share of each, and the fix.
 
-    On decoders with massive activations (a few input channels orders of magnitude above the
-    rest, e.g. the ``down_proj`` of some SmolLM2 layers) the trace of a handful of matrices
-    dominates and the allocation piles the budget onto them; ``max_rank`` spreads it again.
+    Uniform ranks give ``share`` of the budget to ``share`` of the matrices; here a handful take
+    it. On decoders with massive activations this is what the paper's equations produce: the
+    first token of every sequence (an attention sink) holds most of the activation trace of a
+    few ``down_proj`` matrices, top-k follows the trace and the σ/μ² weights favour the most
+    heavy-tailed metric, so the combined score is the trace again (docs/method.md, "Decoders and
+    massive activations"). The note points to the statistics that leave the sink tokens out
+    (``skip_positions`` / ``outlier_factor`` of `collect_statistics`), to the Fisher estimator
+    (which spread both SmolLM2's and Gemma-3's allocation where the filters spread only
+    SmolLM2's; benchmarks/results/decoder_diagnosis.json) and to ``max_rank``.
     Models with fewer than ``4 * top`` matrices are never flagged: there, a few matrices are
     much of the model.
     """
     ranks, total = allocation.ranks, allocation.total_rank
     if len(ranks) < 4 * top or total == 0:
         return None
-    largest = sorted(ranks.items(), key=lambda item: item[1], reverse=True)[:top]
-    held = sum(rank for _, rank in largest)
-    if held < share * total:
+    largest = sorted(ranks.items(), key=lambda item: item[1], reverse=True)
+    held, count = 0, 0
+    while count < len(largest) and held < share * total:
+        held += largest[count][1]
+        count += 1
+    if count > top:
         return None
     full = [n for n, r in ranks.items() if r > 0 and r == min(allocation.shapes[n])]
-    listed = ", ".join(f"{name} {rank}" for name, rank in largest)
+    listed = ", ".join(f"{name} {rank} ({rank / total:.0%})" for name, rank in largest[:count])
     return (
-        f"{top} of {len(ranks)} matrices hold {held / total:.0%} of the total rank ({listed})"
+        f"{count} of {len(ranks)} matrices hold {held / total:.0%} of the total rank ({listed}); "
+        f"uniform ranks would spread {share:.0%} of it over {round(share * len(ranks))}"
         + (f"; {len(full)} at full rank" if full else "")
-        + ". A few inputs with very large activations can dominate the trace; max_rank "
-        "(--max-rank) caps any one matrix and spreads the rest (docs/results.md)."
+        + ". On a decoder this is the mark of massive activations (docs/method.md, 'Decoders "
+        "and massive activations'): collect_statistics(..., skip_positions=1) or "
+        "outlier_factor=10 leave the attention-sink tokens out, the fisher estimator "
+        "(--estimator fisher, next-token loss) weighs inputs by what the loss sees; max_rank "
+        "(--max-rank) caps any one matrix."
     )
 
 

@@ -34,6 +34,8 @@ def collect_statistics(
     autocast_dtype: torch.dtype | None = None,
     seed: int = 0,
     distributed: bool | None = None,
+    skip_positions: int = 0,
+    outlier_factor: float | None = None,
 ) -> dict[str, ModuleStats]:
     """Curvature statistics of every target module of ``model`` over the calibration ``batches``.
 
@@ -58,6 +60,12 @@ def collect_statistics(
             i mod world size) and all-reduce the statistics, so that every process returns those
             of all the batches. None: automatic when a process group with more than one process
             is initialised. Every process must call this with the same model and batches.
+        skip_positions: activation only: leave the first n real tokens of every sequence out of
+            the statistics (the attention-sink position of a decoder; 0, the default, keeps all).
+        outlier_factor: activation only: leave out, in each layer input of each batch, the
+            tokens whose input norm exceeds this many times the median token norm (massive
+            activations; None, the default, keeps all). See
+            `senslora.estimators.token_filters` and docs/method.md.
 
     Left-padded dict batches are right-aligned first (see `senslora.batches.right_align_padding`)
     so that the statistics do not depend on the padding side.
@@ -67,6 +75,11 @@ def collect_statistics(
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if estimator != "activation" and (skip_positions or outlier_factor is not None):
+        raise ValueError(
+            "skip_positions and outlier_factor filter the tokens of the activation estimator, "
+            f"got them with estimator={estimator!r}"
+        )
     modules = find_target_modules(model, targets, include_heads=include_heads)
     if estimator != "activation":
         _check_differentiable(modules, estimator)
@@ -78,7 +91,13 @@ def collect_statistics(
     batches = map(right_align_padding, batches)
     if estimator == "activation":
         stats = collect_activation_statistics(
-            model, modules, batches, keep_gram=keep_gram, autocast_dtype=autocast_dtype
+            model,
+            modules,
+            batches,
+            keep_gram=keep_gram,
+            autocast_dtype=autocast_dtype,
+            skip_positions=skip_positions,
+            outlier_factor=outlier_factor,
         )
     elif estimator == "fisher":
         stats = collect_fisher_statistics(

