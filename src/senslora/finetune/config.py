@@ -18,6 +18,10 @@ METHODS = (
     "eva",
 )
 HYPERADALORA_INITS = ("uniform", "senslora")
+POOLINGS = ("mean", "cls", "max", "mean_sqrt_len", "last", "pooler")
+"""Sentence embeddings a classification head can sit on (see senslora.finetune.heads.pool)."""
+HEAD_LR_FACTOR = 10.0
+"""head_learning_rate=None: the new head trains at this many times the adapters' rate."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,18 @@ class TrainConfig:
     targets: str = "all-linear"
     """Adapted modules: all-linear, comma-separated names, or a regex."""
     learning_rate: float = 5e-4
+    """Learning rate of the adapters (and of any hypernetwork)."""
+    head_learning_rate: float | None = None
+    """Learning rate of the freshly initialised classification / regression head; None:
+    HEAD_LR_FACTOR x learning_rate (benchmarks/head_check.py: at the adapters' rate the head
+    barely moves in a short run)."""
+    pooling: str = "auto"
+    """Sentence embedding under the head: 'auto' (what the model was trained with: its
+    sentence-transformers Pooling config, else its own pooler, else mean), or one of mean, cls,
+    max, mean_sqrt_len, last, pooler."""
+    standardize_targets: bool = True
+    """Regression tasks: the loss sees (y - mean) / std of the training targets; predictions
+    are mapped back to the task's units."""
     epochs: int = 3
     batch_size: int = 32
     eval_batch_size: int = 64
@@ -104,6 +120,16 @@ class TrainConfig:
                 positive_int(name, getattr(self, name))
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.head_learning_rate is not None and not self.head_learning_rate > 0:
+            raise ValueError(
+                f"head_learning_rate must be > 0 or None, got {self.head_learning_rate}"
+            )
+        if self.pooling != "auto" and self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be 'auto' or one of {POOLINGS}, got {self.pooling!r}")
+        if not isinstance(self.standardize_targets, bool):
+            raise ValueError(
+                f"standardize_targets must be a bool, got {self.standardize_targets!r}"
+            )
         if self.budget not in BUDGETS:
             raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -128,6 +154,13 @@ class TrainConfig:
             raise ValueError(f"eval_steps must be an integer >= 0, got {steps!r}")
         if self.eva_rho < 1.0:
             raise ValueError(f"eva_rho must be >= 1, got {self.eva_rho}")
+
+    @property
+    def head_lr(self) -> float:
+        """The head's learning rate: head_learning_rate, or HEAD_LR_FACTOR x learning_rate."""
+        if self.head_learning_rate is not None:
+            return self.head_learning_rate
+        return HEAD_LR_FACTOR * self.learning_rate
 
     @property
     def alpha(self) -> float:
