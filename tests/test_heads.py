@@ -90,8 +90,11 @@ def test_read_pooling_falls_back_to_pooler_weights_then_mean(tmp_path):
     BertModel(BertConfig(**CONFIG), add_pooling_layer=False).save_pretrained(tmp_path / "without")
     assert read_pooling(tmp_path / "with") == "pooler"
     assert read_pooling(tmp_path / "without") == "mean"
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         read_pooling(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        read_pooling(tmp_path / "empty")
 
 
 # ----------------------------------------------------------------------------- pooling

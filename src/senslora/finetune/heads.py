@@ -70,6 +70,11 @@ def read_pooling(model_path: str | Path) -> str:
     3. else ``"mean"``.
     """
     folder = Path(model_path)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"model folder {folder} does not exist (pooling 'auto' reads a local folder; "
+            "choose a pooling for a hub id)"
+        )
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"model folder {folder} has no config.json")
     st_config = _sentence_transformers_pooling_file(folder)
@@ -256,13 +261,17 @@ def load_classifier(
     pooling: str = "auto",
     targets: TargetStats | None = None,
     device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: str = "float32",
 ) -> PooledClassifier:
-    """The backbone of ``model_path`` (``AutoModel``) under a fresh head; ``pooling="auto"``
-    reads it with :func:`read_pooling`. Seed torch first for a reproducible head."""
+    """The backbone of ``model_path`` (``AutoModel``) under a fresh head, in eval mode;
+    ``pooling="auto"`` reads it with :func:`read_pooling`; ``device`` / ``dtype`` as in
+    :func:`senslora.models.load_model`. Seed torch first for a reproducible head."""
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
+    from senslora.models import loading_errors, resolve_device, resolve_dtype
+
+    torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
     if pooling == "auto":
         pooling = read_pooling(model_path)
     check_pooling(pooling)
@@ -270,12 +279,13 @@ def load_classifier(
     hf_logging.set_verbosity_error()  # unused pooler weights (non-pooler poolings) are expected
     hf_logging.disable_progress_bar()
     try:
-        backbone = AutoModel.from_pretrained(model_path, dtype=dtype)
+        with loading_errors(model_path):
+            backbone = AutoModel.from_pretrained(model_path, dtype=torch_dtype)
     finally:
         hf_logging.set_verbosity(level)
         hf_logging.enable_progress_bar()
     model = PooledClassifier(backbone, num_labels, pooling, targets=targets)
-    return model.to(device).eval()
+    return model.to(torch_device).eval()
 
 
 def is_head_parameter(name: str) -> bool:
