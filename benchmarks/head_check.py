@@ -130,7 +130,8 @@ def train_cell(args, model_path, task, tokenizer, pooling: str, head_lr: float) 
             losses.append(loss.item())
         scores = evaluate(model, dev_loader, task)
         epochs.append({"epoch": epoch, "train_loss": sum(losses) / len(losses), **scores})
-        print(f"  {pooling} head_lr {head_lr:g} epoch {epoch}: {epochs[-1]}", flush=True)
+        epochs[-1]["seconds"] = round(time.perf_counter() - start, 1)
+        print(f"{pooling} head_lr {head_lr:g} epoch {epoch}: {epochs[-1]}", flush=True)
     return {
         "pooling": pooling,
         "head_lr": head_lr,
@@ -171,22 +172,26 @@ def main() -> None:
             "majority_class": classification_metrics(
                 task, [majority] * len(dev_labels), dev_labels
             ),
-            "probes": [],
             "cells": [],
+            "probes": [],
         }
+        out = Path(args.out) if args.out else RESULTS_DIR / name_of(args)
+        for head_lr in args.head_lrs:  # the harness's cell (pooler, 5e-4) first
+            for pooling in args.poolings:
+                cell = train_cell(args, model_path, task, tokenizer, pooling, head_lr)
+                results["cells"].append(cell)
+                write_results(out, results)  # after every cell: a partial run keeps its rows
         for pair_input in ("joint", "siamese"):
             start = time.perf_counter()
             probe = frozen_probe(task, model_path, pooling="mean", pair_input=pair_input)
             probe["seconds"] = round(time.perf_counter() - start, 1)
             print(f"probe {pair_input}: {probe}", flush=True)
             results["probes"].append(probe)
-        for pooling in args.poolings:
-            for head_lr in args.head_lrs:
-                results["cells"].append(
-                    train_cell(args, model_path, task, tokenizer, pooling, head_lr)
-                )
-    name = "head_check-quick.json" if args.quick else "head_check.json"
-    write_results(Path(args.out) if args.out else RESULTS_DIR / name, results)
+            write_results(out, results)
+
+
+def name_of(args) -> str:
+    return "head_check-quick.json" if args.quick else "head_check.json"
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from senslora.finetune.evaluation import classification_metrics
 from senslora.finetune.heads import load_classifier
 
 PAIR_INPUTS = ("joint", "siamese")
-L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 """Candidate L2 strengths (per example, on z-scored features)."""
 
 
