@@ -383,10 +383,6 @@ def test_a_failure_while_writing_leaves_nothing_half_written(
     assert {p.name: p.read_bytes() for p in kept.iterdir()} == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.USER_ERRORS lacks OSError: a full disk ends in a traceback, not one error line",
-)
 def test_a_full_disk_is_a_one_line_user_error(model_dir, calib, tmp_path, monkeypatch):
     import senslora.report
 

@@ -21,7 +21,7 @@ app = typer.Typer(
 console = Console()
 if not console.is_terminal:  # logs and CI: wide enough for the rank table
     console = Console(width=140)
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ImportError)
+USER_ERRORS = (OSError, ValueError, ImportError)  # OSError: missing files, full disks, ...
 OUTPUT_NAMES = ("adapter_config.json", "allocation.json", "ranks.png")
 
 

@@ -18,6 +18,8 @@ from senslora.finetune.tasks import parse_task_spec
 from senslora.models import DTYPES
 
 HYPERADALORA_INITS = ("uniform", "senslora")
+POOLINGS = ("mean", "cls", "max", "mean_sqrt_len", "last", "pooler")
+"""Sentence embeddings a pooled head can sit on (see senslora.finetune.heads.pool)."""
 
 
 def option(default: Any, help: str) -> Any:
@@ -50,7 +52,26 @@ class TrainConfig:
     targets: str = option(
         "all-linear", "Adapted modules: all-linear, comma-separated names, or a regex."
     )
-    learning_rate: float = option(5e-4, "Peak learning rate (AdamW, linear schedule).")
+    learning_rate: float = option(
+        5e-4, "Peak learning rate of the adapters (AdamW, linear schedule)."
+    )
+    pooling: str = option(
+        "model",
+        "Classification head: 'model' (the model's own sequence-classification head; for BERT "
+        "a linear layer on its [CLS] pooler), 'auto' (a linear head on the pooling the model was "
+        "trained with: its sentence-transformers Pooling config, else its pooler, else mean), "
+        "or one of " + ", ".join(POOLINGS) + ".",
+    )
+    head_learning_rate: float | None = option(
+        None,
+        "Learning rate of the freshly initialised head (default: the adapters' rate); "
+        "benchmarks/head_check.py shows a head at the adapters' rate stalling in short runs.",
+    )
+    standardize_targets: bool = option(
+        False,
+        "Regression tasks with a pooled head: the loss sees (y - mean) / std of the training "
+        "targets; predictions are mapped back to the task's units.",
+    )
     epochs: int = option(3, "Training epochs (the paper uses 10).")
     batch_size: int = option(32, "Training batch size per device.")
     eval_batch_size: int = option(64, "Evaluation batch size per device.")
@@ -106,6 +127,7 @@ class TrainConfig:
         check_choice("budget", self.budget, BUDGETS)
         check_choice("dtype", self.dtype, tuple(DTYPES))
         check_choice("hyperadalora_init", self.hyperadalora_init, HYPERADALORA_INITS)
+        check_choice("pooling", self.pooling, ("model", "auto", *POOLINGS))
         parse_task_spec(self.task)
         for name in (
             "avg_rank",
@@ -151,6 +173,14 @@ class TrainConfig:
         steps = self.eval_steps
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
             raise ValueError(f"eval_steps must be an integer >= 0, got {steps!r}")
+        if self.head_learning_rate is not None and not self.head_learning_rate > 0:
+            raise ValueError(
+                f"head_learning_rate must be > 0 or None, got {self.head_learning_rate}"
+            )
+        if not isinstance(self.standardize_targets, bool):
+            raise ValueError(
+                f"standardize_targets must be a bool, got {self.standardize_targets!r}"
+            )
         if self.eva_rho < 1.0:
             raise ValueError(f"eva_rho must be >= 1, got {self.eva_rho}")
 

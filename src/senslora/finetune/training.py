@@ -43,6 +43,7 @@ from senslora.finetune.encoding import (
     prompt_ids,
 )
 from senslora.finetune.evaluation import classification_metrics, generation_metrics
+from senslora.finetune.heads import fit_target_stats, load_classifier, optimizer_groups
 from senslora.finetune.methods import METHODS, RunContext, target_names, trainable_parameters
 from senslora.finetune.progress import RichProgress, quiet_libraries
 from senslora.finetune.tasks import load_task
@@ -184,14 +185,8 @@ def load_run(config: TrainConfig) -> LoadedRun:
     tokenizer = load_tokenizer(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = load_model(
-        model_path,
-        task="causal-lm" if generation else "sequence-classification",
-        num_labels=getattr(task, "num_labels", 2),
-        device=config.device,
-        dtype=config.dtype,
-    )
-    if model.config.pad_token_id is None:
+    model = _load_model(config, model_path, task)
+    if getattr(model, "config", None) is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     encode = encode_generation if generation else encode_classification
     collator = (
@@ -214,6 +209,41 @@ def load_run(config: TrainConfig) -> LoadedRun:
         collator=collator,
         steps_per_epoch=math.ceil(len(train_set) / (config.batch_size * world)),
     )
+
+
+def _load_model(config: TrainConfig, model_path: str, task):
+    """The model's own head (``pooling="model"``), or a linear head on the chosen pooling
+    (`senslora.finetune.heads`) with standardised targets for regression when asked."""
+    if task.kind == "generation" or config.pooling == "model":
+        return load_model(
+            model_path,
+            task="causal-lm" if task.kind == "generation" else "sequence-classification",
+            num_labels=getattr(task, "num_labels", 2),
+            device=config.device,
+            dtype=config.dtype,
+        )
+    targets = None
+    if task.num_labels == 1 and config.standardize_targets:
+        targets = fit_target_stats([example.label for example in task.train])
+    return load_classifier(
+        model_path,
+        task.num_labels,
+        pooling=config.pooling,
+        targets=targets,
+        device=config.device,
+        dtype=config.dtype,
+    )
+
+
+def _optimizer(config: TrainConfig, model) -> tuple:
+    """(AdamW over the head at its own rate and the rest at the adapters', None) when a head
+    learning rate is set; (None, None) lets the Trainer build its own."""
+    if config.head_learning_rate is None:
+        return None, None
+    groups = optimizer_groups(
+        model, config.learning_rate, config.head_learning_rate, config.weight_decay
+    )
+    return torch.optim.AdamW(groups, lr=config.learning_rate), None
 
 
 def _context(config: TrainConfig, run: LoadedRun, saved: Path) -> RunContext:
@@ -242,6 +272,7 @@ def _trainer(config, run: LoadedRun, prepared, method, out_dir: Path) -> Trainer
         callbacks.append(EvaluateAtEnd())
     common = dict(
         model=prepared.model,
+        optimizers=_optimizer(config, prepared.model),
         args=args,
         train_dataset=run.train_set,
         data_collator=run.collator,
