@@ -11,7 +11,7 @@ import pytest
 from conftest import save_tiny_bert_with_minilm_tokenizer
 from typer.testing import CliRunner
 
-from senslora.peft_bridge import pattern_key
+from senslora.peft_bridge import suffix_key
 
 runner = CliRunner()
 
@@ -134,7 +134,7 @@ def test_min_and_max_rank(run):
     assert (document["config"]["min_rank"], document["config"]["max_rank"]) == (0, 5)
     assert max(document["ranks"].values()) <= 5
     assert sum(document["ranks"].values()) == 4 * 12
-    kept = {n for n, r in document["ranks"].items() if r > 0}
+    kept = {relative(n) for n, r in document["ranks"].items() if r > 0}
     assert set(adapter["target_modules"]) == kept
 
 
@@ -142,8 +142,8 @@ def test_targets_list(run):
     document, adapter = run("--targets", "query,value")
     assert len(document["ranks"]) == 4
     assert all(n.endswith((".query", ".value")) for n in document["ranks"])
-    assert document["provenance"]["targets"] == "query,value"
-    assert set(adapter["target_modules"]) == set(document["ranks"])
+    assert document["provenance"]["targets"] == ["query", "value"]
+    assert set(adapter["target_modules"]) == {relative(n) for n in document["ranks"]}
 
 
 @pytest.mark.parametrize("policy", ["scale", "rslora", "constant"])
@@ -158,9 +158,9 @@ def test_alpha_policy_and_lora_alpha(run, policy):
         expected = {n: 6.0 for n in ranks}
     assert document["alphas"] == pytest.approx(expected)
     assert adapter["alpha_pattern"] == pytest.approx(
-        {pattern_key(n): a for n, a in expected.items()}
+        {suffix_key(relative(n)): a for n, a in expected.items()}
     )
-    assert adapter["rank_pattern"] == {pattern_key(n): r for n, r in ranks.items()}
+    assert adapter["rank_pattern"] == {suffix_key(relative(n)): r for n, r in ranks.items()}
     assert len(set(ranks.values())) > 1  # else every policy would give the same alphas
 
 
@@ -184,3 +184,8 @@ def test_cli_adapter_config_builds_the_allocated_model(run, model_dir, tmp_path,
         rank, alpha = document["ranks"][name], document["alphas"][name]
         divisor = math.sqrt(rank) if policy == "rslora" else rank
         assert layer.scaling["default"] == pytest.approx(alpha / divisor), name
+
+
+def relative(name: str) -> str:
+    """A module name relative to the backbone, as the portable LoraConfig keys are."""
+    return name.removeprefix("bert.")

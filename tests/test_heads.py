@@ -277,7 +277,7 @@ def toy_task(rng, n):
 
 
 def test_frozen_probe_learns_a_separable_toy_task(tmp_path):
-    from tests.conftest import save_tiny_bert_with_minilm_tokenizer
+    from conftest import save_tiny_bert_with_minilm_tokenizer
 
     folder = save_tiny_bert_with_minilm_tokenizer(tmp_path / "model")
     rng = random.Random(0)
@@ -299,11 +299,10 @@ def test_frozen_probe_learns_a_separable_toy_task(tmp_path):
 
 
 def test_train_config_head_fields():
-    assert TrainConfig(learning_rate=1e-3).head_lr == pytest.approx(1e-2)
-    assert TrainConfig(head_learning_rate=3e-3).head_lr == 3e-3
+    assert TrainConfig(head_learning_rate=3e-3).head_learning_rate == 3e-3
     with pytest.raises(ValueError, match="head_learning_rate must be > 0"):
         TrainConfig(head_learning_rate=0.0)
-    with pytest.raises(ValueError, match="pooling must be 'auto' or one of"):
+    with pytest.raises(ValueError, match="pooling must be one of"):
         TrainConfig(pooling="average")
     with pytest.raises(ValueError, match="standardize_targets must be a bool"):
         TrainConfig(standardize_targets="yes")
