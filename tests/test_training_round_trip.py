@@ -92,7 +92,9 @@ def test_trained_seq_cls_adapter_reloads_with_its_logits(bert_and_task, trained)
     assert "classifier" in (saved["modules_to_save"] or [])
     allocation = json.loads((out / "allocation.json").read_text())
     ranks = {k.strip("^$").replace("\\", ""): r for k, r in saved["rank_pattern"].items()}
-    assert ranks == {n: r for n, r in allocation["ranks"].items() if r > 0}
+    prefix = allocation["backbone"] + "."  # the keys are relative to the backbone ("bert")
+    assert allocation["backbone"] == "bert"
+    assert ranks == {n.removeprefix(prefix): r for n, r in allocation["ranks"].items() if r > 0}
 
     tokenizer = AutoTokenizer.from_pretrained(root / "bert")
     base = load_model(str(root / "bert"), task="sequence-classification", device="cpu")
