@@ -96,3 +96,16 @@ def test_senslora_fisher_calibrates_on_the_labelled_examples():
     activation = prepared("senslora", budget="parameters").allocation
     thetas = [m["theta"] for m in result.allocation.metrics.values()]
     assert thetas != [m["theta"] for m in activation.metrics.values()]
+
+
+def test_token_filters_reach_the_statistics_and_the_provenance():
+    plain = prepared("senslora").allocation
+    filtered = prepared("senslora", skip_positions=2).allocation
+    assert filtered.provenance["token_filters"] == {"skip_positions": 2, "outlier_factor": None}
+    assert plain.provenance["token_filters"]["skip_positions"] == 0
+    traces = [m["trace"] for m in filtered.metrics.values()]
+    assert traces != [m["trace"] for m in plain.metrics.values()]
+    with pytest.raises(ValueError, match="skip_positions must be an integer >= 0"):
+        TrainConfig(skip_positions=-1)
+    with pytest.raises(ValueError, match="outlier_factor must be > 1"):
+        TrainConfig(outlier_factor=0.5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -128,8 +129,10 @@ def test_generation_task_trains_with_response_only_loss(folders, tmp_path):
         epochs=2,
         max_new_tokens=4,
     )
-    assert set(results["last"]) >= {"bleu4", "rouge1", "rougeL", "epoch"}
+    assert set(results["last"]) >= {"bleu4", "rouge1", "rougeL", "nll", "perplexity", "epoch"}
     assert results["train_losses"][-1] < results["train_losses"][0]
+    last = results["last"]
+    assert 0 < last["nll"] < 20 and last["perplexity"] == pytest.approx(math.exp(last["nll"]))
 
 
 def test_finished_run_is_refused_without_overwrite(folders, tmp_path):

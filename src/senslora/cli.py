@@ -92,6 +92,16 @@ def allocate(
         help="What the metrics read per weight: hessian (the diagonal h_qq, eqs. 6-10) | inverse "
         "(1/[(H + lambda I)^-1]_qq, Section 4.6; activation only; O(d_in^2) memory per module).",
     ),
+    skip_positions: int = typer.Option(
+        0,
+        help="activation: leave the first N real tokens of every sequence out of the statistics "
+        "(attention sinks, e.g. SmolLM2's first token; docs/method.md).",
+    ),
+    outlier_factor: float = typer.Option(
+        None,
+        help="activation: leave out tokens whose layer-input norm exceeds this many times the "
+        "batch median (massive activations; 10 is the documented choice).",
+    ),
     min_rank: int = typer.Option(1, help="Smallest rank; 0 lets a matrix go without adapter."),
     max_rank: int = typer.Option(None, help="Largest rank (default: min(d_in, d_out))."),
     lora_alpha: float = typer.Option(
@@ -169,6 +179,8 @@ def allocate(
                 estimator=estimator,
                 targets=targets,
                 num_probes=num_probes,
+                skip_positions=skip_positions,
+                outlier_factor=outlier_factor,
                 lora_alpha=lora_alpha,
                 alpha_policy=alpha_policy,
                 device=device,
@@ -199,6 +211,8 @@ def _allocate(
     estimator: str,
     targets: str,
     num_probes: int,
+    skip_positions: int,
+    outlier_factor: float | None,
     lora_alpha: float | None,
     alpha_policy: str,
     device: str,
@@ -228,6 +242,8 @@ def _allocate(
         keep_gram=config.spectrum == "eigenvalues" or config.curvature == "inverse",
         num_probes=num_probes,
         seed=calibration.seed,
+        skip_positions=skip_positions,
+        outlier_factor=outlier_factor,
         model_path=model_path,
         calibration=Calibration(config=calibration),
         progress=(lambda b: tracked(b, f"calibrating ({estimator})")) if main_process else None,
@@ -359,6 +375,8 @@ def train(
     calib_samples: int = _train_option("calib_samples"),
     calib_seq_len: int = _train_option("calib_seq_len"),
     estimator: str = _train_option("estimator"),
+    skip_positions: int = _train_option("skip_positions"),
+    outlier_factor: float = _train_option("outlier_factor"),
     max_rank: int = _train_option("max_rank"),
     budget: str = _train_option("budget"),
     eval_steps: int = _train_option("eval_steps"),
@@ -397,6 +415,8 @@ def train(
             calib_samples=calib_samples,
             calib_seq_len=calib_seq_len,
             estimator=estimator,
+            skip_positions=skip_positions,
+            outlier_factor=outlier_factor,
             max_rank=max_rank,
             budget=budget,
             eval_steps=eval_steps,

@@ -68,13 +68,16 @@ def calibrate(
     keep_gram: bool = False,
     num_probes: int = 8,
     seed: int = 0,
+    skip_positions: int = 0,
+    outlier_factor: float | None = None,
     model_path: str | None = None,
     calibration: Calibration | None = None,
     progress: Callable[[Sequence[dict]], Iterable[dict]] | None = None,
 ) -> Calibrated:
     """Collect the statistics of ``model`` on ``batches`` and record how they were made.
 
-    ``progress`` wraps the batches (a progress bar) without changing them.
+    ``progress`` wraps the batches (a progress bar) without changing them; ``skip_positions``
+    and ``outlier_factor`` are the activation estimator's token filters (`collect_statistics`).
     """
     from senslora import __version__
 
@@ -88,6 +91,8 @@ def calibrate(
         num_probes=num_probes,
         seed=seed,
         keep_gram=keep_gram,
+        skip_positions=skip_positions,
+        outlier_factor=outlier_factor,
     )
     provenance = {
         "model": model_path,
@@ -99,6 +104,7 @@ def calibrate(
         "num_sequences": sum(len(b["input_ids"]) for b in batches),
         "num_tokens": count_tokens(batches),
         "estimator": estimator,
+        "token_filters": {"skip_positions": skip_positions, "outlier_factor": outlier_factor},
         "targets": targets if isinstance(targets, str) else list(targets),
         "senslora_version": __version__,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

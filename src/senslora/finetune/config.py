@@ -91,6 +91,16 @@ class TrainConfig:
     calib_samples: int = option(128, "Calibration sequences (sensitivity methods).")
     calib_seq_len: int = option(128, "Max tokens per calibration sequence.")
     estimator: str = option("activation", " | ".join(ESTIMATORS) + " (sensitivity methods).")
+    skip_positions: int = option(
+        0,
+        "Activation estimator: leave the first N real tokens of every calibration sequence out "
+        "of the statistics (attention sinks; docs/method.md, decoders).",
+    )
+    outlier_factor: float | None = option(
+        None,
+        "Activation estimator: leave out tokens whose layer-input norm exceeds this many times "
+        "the batch median (massive activations; docs/method.md, decoders).",
+    )
     max_rank: int | None = option(
         None, "Sensitivity methods: cap on the rank of any one matrix (default min(d_in, d_out))."
     )
@@ -181,6 +191,11 @@ class TrainConfig:
             raise ValueError(
                 f"standardize_targets must be a bool, got {self.standardize_targets!r}"
             )
+        skip = self.skip_positions
+        if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
+            raise ValueError(f"skip_positions must be an integer >= 0, got {skip!r}")
+        if self.outlier_factor is not None and not self.outlier_factor > 1:
+            raise ValueError(f"outlier_factor must be > 1 or None, got {self.outlier_factor!r}")
         if self.eva_rho < 1.0:
             raise ValueError(f"eva_rho must be >= 1, got {self.eva_rho}")
 

@@ -163,6 +163,8 @@ class Sensitivity(Method):
             estimator=self.estimator or ctx.config.estimator,
             targets=ctx.targets,
             seed=ctx.config.seed,
+            skip_positions=0 if labelled else ctx.config.skip_positions,
+            outlier_factor=None if labelled else ctx.config.outlier_factor,
             model_path=ctx.model_path,
             calibration=(
                 Calibration(description="the task's labelled training examples")

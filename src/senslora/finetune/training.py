@@ -42,7 +42,11 @@ from senslora.finetune.encoding import (
     pad_left,
     prompt_ids,
 )
-from senslora.finetune.evaluation import classification_metrics, generation_metrics
+from senslora.finetune.evaluation import (
+    classification_metrics,
+    generation_metrics,
+    teacher_forced_loss,
+)
 from senslora.finetune.heads import fit_target_stats, load_classifier, optimizer_groups
 from senslora.finetune.methods import METHODS, RunContext, target_names, trainable_parameters
 from senslora.finetune.progress import RichProgress, quiet_libraries
@@ -56,7 +60,8 @@ RESULTS = "results.json"
 
 
 class GenerationTrainer(Trainer):
-    """Evaluates by greedy generation on the dev set: BLEU-4, ROUGE-1, ROUGE-L."""
+    """Evaluates by greedy generation on the dev set (BLEU-4, ROUGE-1, ROUGE-L) and by the
+    teacher-forced loss / perplexity of the dev responses (the low-noise metric)."""
 
     def __init__(self, *args, dev_examples=(), max_new_tokens=48, gen_tokenizer=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -73,6 +78,9 @@ class GenerationTrainer(Trainer):
             self.args.per_device_eval_batch_size,
         )
         scores = generation_metrics(hypotheses, [e.response for e in self.dev_examples])
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        forced = teacher_forced_loss(self.model, self.get_eval_dataloader(dataset))
+        scores.update({"nll": forced["loss"], "perplexity": forced["perplexity"]})
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in scores.items()}
         self.log(metrics)
         return metrics
