@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+import torch
 from conftest import tiny_bert, token_batches
 
 from senslora.controls import matched_uniform_rank
@@ -109,3 +110,22 @@ def test_token_filters_reach_the_statistics_and_the_provenance():
         TrainConfig(skip_positions=-1)
     with pytest.raises(ValueError, match="outlier_factor must be > 1"):
         TrainConfig(outlier_factor=0.5)
+
+
+def test_frozen_encoder_trains_the_head_alone(tmp_path):
+    result = prepared("frozen")
+    trainable = [n for n, p in result.model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("classifier.") for n in trainable)
+    assert not any("lora_" in n for n, _ in result.model.named_parameters())
+    METHODS["frozen"].save(result, tmp_path / "adapter")
+    head = torch.load(tmp_path / "adapter" / "head.pt")
+    assert set(head) == {"classifier.weight", "classifier.bias"}
+    with pytest.raises(ValueError, match="needs a classification task"):
+        prepare_model(
+            tiny_bert(),
+            TrainConfig(method="frozen"),
+            task_type="CAUSAL_LM",
+            calibration_batches=list,
+            train_batches=list,
+            total_steps=1,
+        )

@@ -13,13 +13,12 @@ import torch
 
 from senslora.config import BUDGETS, check_choice, positive_int
 from senslora.estimators import ESTIMATORS
+from senslora.finetune.heads import POOLINGS
 from senslora.finetune.methods import METHODS
 from senslora.finetune.tasks import parse_task_spec
 from senslora.models import DTYPES
 
 HYPERADALORA_INITS = ("uniform", "senslora")
-POOLINGS = ("mean", "cls", "max", "mean_sqrt_len", "last", "pooler")
-"""Sentence embeddings a pooled head can sit on (see senslora.finetune.heads.pool)."""
 
 
 def option(default: Any, help: str) -> Any:

@@ -30,8 +30,6 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from senslora.finetune.config import POOLINGS
-
 __all__ = [
     "POOLINGS",
     "PooledClassifier",
@@ -44,6 +42,8 @@ __all__ = [
     "pool",
     "read_pooling",
 ]
+POOLINGS = ("mean", "cls", "max", "mean_sqrt_len", "last", "pooler")
+"""Sentence embeddings a pooled head can sit on (see `pool`)."""
 HEAD_NAME = "classifier"
 """Attribute name of the head: one of the names peft's SEQ_CLS task saves by default."""
 _ST_MODES = {

@@ -29,9 +29,11 @@ import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import peft
+import torch
 from torch import nn
 from transformers import TrainerCallback
 
@@ -43,6 +45,7 @@ from senslora.controls import (
     shuffle_ranks,
     size_prior_allocation,
 )
+from senslora.finetune.heads import is_head_parameter
 from senslora.finetune.hyperadalora import (
     HyperAdaLora,
     HyperAdaLoraCallback,
@@ -128,6 +131,10 @@ class Method:
 
     def finalize(self, prepared: Prepared) -> None:
         """Called before the adapter is saved."""
+
+    def save(self, prepared: Prepared, folder: Path) -> None:
+        """Write what was trained (a peft adapter) into ``folder``."""
+        prepared.model.save_pretrained(folder)
 
 
 class Lora(Method):
@@ -235,6 +242,36 @@ def _apply(model: nn.Module, ctx: RunContext, allocation: Allocation) -> Prepare
 
 def _without_saved(ctx: RunContext) -> RunContext:
     return dataclasses.replace(ctx, saved_allocation=None)
+
+
+class FrozenEncoder(Method):
+    """The reference row of every table: the untuned encoder frozen, only the task head trained
+    (a linear probe of its pooled embeddings, at the head's learning rate). A fine-tuning method
+    that does not beat it has not trained. Classification only; saves the head's weights."""
+
+    name = "frozen"
+    checkpoints = False  # a plain module, not a peft checkpoint
+
+    def prepare(self, model, ctx):
+        if ctx.task_type != "SEQ_CLS":
+            raise ValueError(
+                f"the frozen-encoder row needs a classification task, got {ctx.task_type}"
+            )
+        trainable = 0
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(is_head_parameter(name))
+            trainable += parameter.numel() if parameter.requires_grad else 0
+        if not trainable:
+            raise ValueError("found no classification head to train (expected a 'classifier')")
+        return Prepared(model)
+
+    def final_ranks(self, prepared):
+        return {}
+
+    def save(self, prepared, folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        head = {n: p for n, p in prepared.model.state_dict().items() if is_head_parameter(n)}
+        torch.save(head, folder / "head.pt")
 
 
 class AdaLoraCallback(TrainerCallback):
@@ -417,6 +454,7 @@ METHODS: dict[str, Method] = {
         AdaLora(),
         HyperAdaLoraMethod(),
         Eva(),
+        FrozenEncoder(),
     )
 }
 """Every fine-tuning method by name, in the order tables list them."""

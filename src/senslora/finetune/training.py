@@ -174,7 +174,7 @@ def _train(config: TrainConfig, out_dir: Path, progress: bool, verbose: bool) ->
     results = _results(config, run, trainer, method, prepared, timings, resume)
     if trainer.is_world_process_zero():
         method.finalize(prepared)
-        prepared.model.save_pretrained(out_dir / "adapter")
+        method.save(prepared, out_dir / "adapter")
         write_text_atomic(out_dir / RESULTS, json.dumps(results, indent=2) + "\n")
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     return results
