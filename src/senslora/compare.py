@@ -16,8 +16,7 @@ from typing import Any
 import numpy as np
 
 from senslora.allocation import Allocation
-from senslora.files import atomic_path
-from senslora.report import layer_totals
+from senslora.report import layer_totals, save_png
 
 __all__ = [
     "AllocationComparison",
@@ -158,9 +157,4 @@ def plot_comparison(
     scatter.set_xlabel(f"rank ({labels[0]})")
     scatter.set_ylabel(f"rank ({labels[1]})")
     scatter.set_title("rank per module", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=110)

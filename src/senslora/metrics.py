@@ -292,8 +292,9 @@ def make_nonnegative(values: torch.Tensor, mode: str = "abs") -> torch.Tensor:
     return values.abs() if mode == "abs" else values.clamp(min=0)
 
 
-def _as_metric_array(values, name: str) -> np.ndarray:
-    """Return a per-matrix metric as a 1-D finite non-negative float64 array."""
+def as_nonnegative_array(values, name: str) -> np.ndarray:
+    """Return per-matrix values (a metric, theta) as a 1-D finite non-negative float64 array;
+    ValueError naming ``name`` otherwise."""
     if isinstance(values, torch.Tensor):
         values = values.detach().to(device="cpu", dtype=torch.float64).numpy()
     array = np.array(values, dtype=np.float64)
@@ -319,7 +320,7 @@ def combination_weight(metric_values, weighting: str = "std") -> float:
     Returns 0.0 when ``mu == 0``: a metric that is zero everywhere carries no information.
     """
     check_choice("weighting", weighting, WEIGHTINGS)
-    array = _as_metric_array(metric_values, "metric_values")
+    array = as_nonnegative_array(metric_values, "metric_values")
     mu = float(array.mean())
     if mu == 0.0:
         return 0.0
@@ -367,9 +368,9 @@ def sensitivity_scores(
     reported whatever ``score`` is.
     """
     check_choice("score", score, SCORES)
-    global_ = _as_metric_array(traces, "traces")
-    top_k = _as_metric_array(top_k_means, "top_k_means")
-    eff_rank = _as_metric_array(effective_ranks, "effective_ranks")
+    global_ = as_nonnegative_array(traces, "traces")
+    top_k = as_nonnegative_array(top_k_means, "top_k_means")
+    eff_rank = as_nonnegative_array(effective_ranks, "effective_ranks")
     if not global_.size == top_k.size == eff_rank.size:
         raise ValueError(
             "traces, top_k_means and effective_ranks must have one entry per matrix, got "

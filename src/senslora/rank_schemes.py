@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from senslora.metrics import as_nonnegative_array
+
 __all__ = ["progressive_rank_allocation", "scaled_rank_allocation"]
 
 _FLOOR_TOL = 1e-9
@@ -29,17 +31,6 @@ exact cases (e.g. ``theta = [1, 3]``, budget 2: continuous ranks 0.5 and 1.5).""
 _MAX_BISECTIONS = 2200  # enough to shrink any float64 interval [0, hi] to adjacent floats
 
 IntBounds = int | Sequence[int] | np.ndarray
-
-
-def _as_theta(theta) -> np.ndarray:
-    if isinstance(theta, torch.Tensor):
-        theta = theta.detach().to(device="cpu", dtype=torch.float64).numpy()
-    array = np.array(theta, dtype=np.float64)
-    if array.ndim != 1 or array.size == 0:
-        raise ValueError(f"theta must be a non-empty 1-D sequence, got shape {array.shape}")
-    if not np.isfinite(array).all() or (array < 0).any():
-        raise ValueError(f"theta must be finite and non-negative, got {array.tolist()}")
-    return array
 
 
 def _as_ints(values: IntBounds, n: int, name: str, minimum: int) -> np.ndarray:
@@ -144,7 +135,7 @@ def scaled_rank_allocation(
 
     Raises ``ValueError`` if ``theta`` is not finite and non-negative, or on infeasible bounds.
     """
-    theta = _as_theta(theta)
+    theta = as_nonnegative_array(theta, "theta")
     n = theta.size
     budget = operator.index(budget)
     low, high = _as_bounds(min_ranks, max_ranks, n)
@@ -191,7 +182,7 @@ def progressive_rank_allocation(
     Raises ``ValueError`` when a level is not an integer (``step * (num_categories - 1)`` odd)
     or when the bounds cannot hold the budget.
     """
-    theta = _as_theta(theta)
+    theta = as_nonnegative_array(theta, "theta")
     n = theta.size
     avg_rank, step = operator.index(avg_rank), operator.index(step)
     num_categories = operator.index(num_categories)

@@ -174,9 +174,16 @@ def plot_ranks(allocations: Mapping[str, Allocation], path: str | Path) -> Path:
         if not np.isnan(value):
             heat.text(row, col, int(value), ha="center", va="center", fontsize=7, color="w")
     fig.colorbar(image, ax=heat, label="rank")
+    return save_png(fig, path, dpi=120)
+
+
+def save_png(fig, path: str | Path, dpi: int) -> Path:
+    """Lay out, write atomically as PNG, and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(tmp, format="png", dpi=dpi)
     plt.close(fig)
     return path
