@@ -1,9 +1,9 @@
 """Parameter counts, devices and memory of finished bench runs, read from their results.json.
 
-    .venv/bin/python benchmarks/grid_facts.py benchmarks/results/glue-minilm \
-        benchmarks/results/glue-minilm-senslora-params benchmarks/results/glue-minilm-adalora-lr5e-3 \
-        benchmarks/results/glue-minilm-device-check benchmarks/results/nlg-smollm2 \
-        benchmarks/results/nlg-smollm2-capped
+    R=benchmarks/results
+    .venv/bin/python benchmarks/grid_facts.py $R/glue-minilm $R/glue-minilm-senslora-params \
+        $R/glue-minilm-adalora-lr5e-3 $R/glue-minilm-device-check $R/nlg-smollm2 \
+        $R/nlg-smollm2-capped --out $R/grid_facts.json
 
 For every grid and method it prints (and writes to ``--out`` as JSON):
 
@@ -103,8 +103,10 @@ def main() -> None:
         for name, f in methods.items():
             devices = ", ".join(f"{s}: {d}" for s, d in f["devices"].items())
             memory = ", ".join(f"{d} {m:.0f}" for d, m in f["peak_memory_mb"].items())
-            print(f"| {name} | {fmt(f['trained'])} | {fmt(f['saved'])} | "
-                  f"{fmt(f['state_bytes'])} | {devices} | {memory} |")
+            print(
+                f"| {name} | {fmt(f['trained'])} | {fmt(f['saved'])} | "
+                f"{fmt(f['state_bytes'])} | {devices} | {memory} |"
+            )
     if args.out:
         args.out.write_text(json.dumps(facts, indent=1) + "\n")
 
