@@ -438,9 +438,10 @@ def _results(config, run: LoadedRun, trainer, method, prepared, timings, resumed
     main = _main_key(task, epochs)
     best = max(epochs, key=lambda row: row[main]) if epochs else None
     ranks = method.final_ranks(prepared)
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     shapes = {
         n: (m.out_features, m.in_features)
-        for n, m in peft_model.get_base_model().named_modules()
+        for n, m in base.named_modules()
         if n in (ranks or {}) and hasattr(m, "in_features")
     }
     return {
@@ -449,6 +450,7 @@ def _results(config, run: LoadedRun, trainer, method, prepared, timings, resumed
         "task": task.name,
         "model": run.model_path,
         "main_metric": main,
+        "head_pooling": getattr(base, "pooling", "model"),
         "num_train": len(task.train),
         "num_dev": {k: len(v) for k, v in task.dev.items()},
         "parameters": {
