@@ -129,3 +129,11 @@ def test_frozen_encoder_trains_the_head_alone(tmp_path):
             train_batches=list,
             total_steps=1,
         )
+
+
+def test_senslora_inverse_reads_the_inverse_curvature():
+    result = prepared("senslora-inverse", budget="parameters")
+    assert result.allocation.config.curvature == "inverse"
+    default = prepared("senslora", budget="parameters").allocation
+    traces = [m["trace"] for m in result.allocation.metrics.values()]
+    assert traces != [m["trace"] for m in default.metrics.values()]

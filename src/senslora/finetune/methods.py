@@ -20,7 +20,8 @@ method touches this file (and its test) alone.
   whose parameter count is closest to senslora's equal-rank allocation), ``size-prior``
   (theta = d_out x d_in, no calibration), ``shuffled`` (senslora's ranks permuted among
   matrices of the same shape, seeded), and ``senslora-fisher`` (the empirical Fisher of the
-  task's own labelled training examples instead of the activation Hessian of unlabelled text).
+  task's own labelled training examples instead of the activation Hessian of unlabelled text);
+  ``senslora-inverse`` reads the damped inverse-Hessian curvature (Section 4.6, docs/method.md).
 """
 
 from __future__ import annotations
@@ -448,6 +449,7 @@ METHODS: dict[str, Method] = {
         Sensitivity("senslora-local", (("score", "local"),)),
         Sensitivity("senslora-pra", (("scheme", "pra"),)),
         Sensitivity("senslora-fisher", estimator="fisher"),
+        Sensitivity("senslora-inverse", (("curvature", "inverse"),)),
         LoraMatched(),
         SizePrior(),
         Shuffled(),
