@@ -33,7 +33,8 @@ def quiet_libraries(verbose: bool = False) -> Iterator[None]:
 
 class RichProgress(TrainerCallback):
     """One progress bar per run: optimizer steps, the last logged training loss and the latest
-    dev metric (``main_metric``). Shown on the main process only."""
+    dev metric (``main_metric``). Shown on the main process only; when the console is not a
+    terminal (a log file), each evaluation also prints one line."""
 
     def __init__(self, description: str, main_metric: str, console: Console | None = None):
         self.description = description
@@ -68,11 +69,17 @@ class RichProgress(TrainerCallback):
         logs = logs or {}
         if "loss" in logs:
             self.loss = float(logs["loss"])
+        evaluated = False
         for key, value in logs.items():
             if key.startswith("eval_") and key.endswith(self.main_metric):
-                self.metric = float(value)
+                self.metric, evaluated = float(value), True
         if self.progress is not None:
             self.progress.update(self.task, status=self.status())
+            if evaluated and not self.console.is_terminal:  # a log file: one line per evaluation
+                self.console.print(
+                    f"{self.description}: step {state.global_step}/{state.max_steps}, "
+                    f"{self.status()}"
+                )
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:
