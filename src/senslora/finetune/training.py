@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import random
-import resource
 import shutil
 import time
 from dataclasses import dataclass
@@ -32,24 +31,21 @@ from transformers import (
     set_seed,
 )
 
-from senslora import __version__
 from senslora.data import CalibrationConfig, calibration_batches
 from senslora.files import write_text_atomic
 from senslora.finetune.config import TrainConfig
 from senslora.finetune.encoding import (
     encode_classification,
     encode_generation,
-    pad_left,
-    prompt_ids,
 )
 from senslora.finetune.evaluation import (
     classification_metrics,
-    generation_metrics,
-    teacher_forced_loss,
 )
+from senslora.finetune.generation import GenerationTrainer
 from senslora.finetune.heads import fit_target_stats, load_classifier, optimizer_groups
-from senslora.finetune.methods import METHODS, RunContext, target_names, trainable_parameters
+from senslora.finetune.methods import METHODS, RunContext, target_names
 from senslora.finetune.progress import RichProgress, quiet_libraries
+from senslora.finetune.results import run_results
 from senslora.finetune.tasks import load_task
 from senslora.models import load_model, load_tokenizer, resolve_device, resolve_model_path
 from senslora.pipeline import Calibration
@@ -57,55 +53,6 @@ from senslora.serialization import load_allocation
 
 logger = logging.getLogger(__name__)
 RESULTS = "results.json"
-
-
-class GenerationTrainer(Trainer):
-    """Evaluates by greedy generation on the dev set (BLEU-4, ROUGE-1, ROUGE-L) and by the
-    teacher-forced loss / perplexity of the dev responses (the low-noise metric)."""
-
-    def __init__(self, *args, dev_examples=(), max_new_tokens=48, gen_tokenizer=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.dev_examples = list(dev_examples)
-        self.max_new_tokens = max_new_tokens
-        self.gen_tokenizer = gen_tokenizer
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        hypotheses = generate(
-            self.model,
-            self.gen_tokenizer,
-            [e.prompt for e in self.dev_examples],
-            self.max_new_tokens,
-            self.args.per_device_eval_batch_size,
-        )
-        scores = generation_metrics(hypotheses, [e.response for e in self.dev_examples])
-        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
-        forced = teacher_forced_loss(self.model, self.get_eval_dataloader(dataset))
-        scores.update({"nll": forced["loss"], "perplexity": forced["perplexity"]})
-        metrics = {f"{metric_key_prefix}_{k}": v for k, v in scores.items()}
-        self.log(metrics)
-        return metrics
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int):
-    """Greedy continuations of ``prompts`` (left-padded batches), decoded without the prompt."""
-    was_training = model.training
-    model.eval()
-    pad_id = tokenizer.pad_token_id
-    device = next(model.parameters()).device
-    outputs = []
-    for start in range(0, len(prompts), batch_size):
-        batch = pad_left(
-            [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]], pad_id
-        )
-        batch = {k: v.to(device) for k, v in batch.items()}
-        generated = model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id
-        )
-        new_tokens = generated[:, batch["input_ids"].shape[1] :]
-        outputs += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    model.train(was_training)
-    return outputs
 
 
 @dataclass
@@ -171,7 +118,7 @@ def _train(config: TrainConfig, out_dir: Path, progress: bool, verbose: bool) ->
     train_start = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if resume else None)
     timings = {"wall": time.perf_counter() - start, "train": time.perf_counter() - train_start}
-    results = _results(config, run, trainer, method, prepared, timings, resume)
+    results = run_results(config, run, trainer, method, prepared, timings, resume)
     if trainer.is_world_process_zero():
         method.finalize(prepared)
         method.save(prepared, out_dir / "adapter")
@@ -412,84 +359,3 @@ def _classification_scores(task, prediction) -> dict[str, float]:
     logits = logits[0] if isinstance(logits, tuple) else logits
     predictions = logits.squeeze(-1) if task.num_labels == 1 else np.argmax(logits, axis=-1)
     return classification_metrics(task, predictions, prediction.label_ids)
-
-
-def _evaluations(log_history: list[dict]) -> list[dict[str, float]]:
-    """Every evaluation in order: its optimizer step, epoch and every eval_* metric (not runtime
-    figures)."""
-    rows = []
-    for entry in log_history:
-        scores = {
-            k[len("eval_") :]: v
-            for k, v in entry.items()
-            if k.startswith("eval_")
-            and not k.endswith(("runtime", "per_second", "loss", "steps_per_second"))
-        }
-        if scores:
-            epoch = round(float(entry.get("epoch", 0.0)), 3)
-            rows.append({"step": int(entry.get("step", 0)), "epoch": epoch, **scores})
-    return rows
-
-
-def _results(config, run: LoadedRun, trainer, method, prepared, timings, resumed) -> dict:
-    peft_model, task = prepared.model, run.task
-    evals = _evaluations(trainer.state.log_history)
-    epochs = [{k: v for k, v in row.items() if k != "step"} for row in evals]
-    main = _main_key(task, epochs)
-    best = max(epochs, key=lambda row: row[main]) if epochs else None
-    ranks = method.final_ranks(prepared)
-    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
-    shapes = {
-        n: (m.out_features, m.in_features)
-        for n, m in base.named_modules()
-        if n in (ranks or {}) and hasattr(m, "in_features")
-    }
-    return {
-        "config": config.to_dict(),
-        "method": config.method,
-        "task": task.name,
-        "model": run.model_path,
-        "main_metric": main,
-        "head_pooling": getattr(base, "pooling", "model"),
-        "num_train": len(task.train),
-        "num_dev": {k: len(v) for k, v in task.dev.items()},
-        "parameters": {
-            "trainable": trainable_parameters(peft_model),
-            "lora": sum(
-                p.numel()
-                for n, p in peft_model.named_parameters()
-                if p.requires_grad and "lora_" in n
-            ),
-            "final_lora": sum(r * sum(shapes.get(n, (0, 0))) for n, r in (ranks or {}).items()),
-            "hypernetwork": prepared.report.get("hypernetwork_parameters", 0),
-        },
-        "init_ranks": prepared.report.get("init_ranks"),
-        "ranks": ranks,
-        "epochs": epochs,
-        "evals": evals,
-        "train_losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
-        "best": best,
-        "last": epochs[-1] if epochs else None,
-        "train_seconds": round(timings["train"], 2),
-        "wall_seconds": round(timings["wall"], 2),
-        "peak_memory_mb": _peak_memory_mb(),
-        "resumed": resumed,
-        "device": str(resolve_device(config.device)),
-        "versions": {"senslora": __version__, "torch": torch.__version__},
-    }
-
-
-def _main_key(task, epochs: list[dict]) -> str:
-    """The key of the task's main metric in the epoch rows (first dev split for MNLI)."""
-    if not epochs:
-        return task.main_metric
-    for key in epochs[0]:
-        if key == task.main_metric or key.endswith("_" + task.main_metric):
-            return key
-    raise KeyError(f"main metric {task.main_metric!r} missing from {sorted(epochs[0])}")
-
-
-def _peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -1,0 +1,124 @@
+"""Sensitivity-LoRA and its variants, and the controls of the equal-parameter study: methods
+whose ranks come from an `Allocation`."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import peft
+from torch import nn
+
+from senslora.allocation import Allocation
+from senslora.config import AllocationConfig
+from senslora.controls import (
+    matched_uniform_rank,
+    model_shapes,
+    shuffle_ranks,
+    size_prior_allocation,
+)
+from senslora.finetune.methods.base import (
+    Method,
+    Prepared,
+    RunContext,
+    apply_allocation_to,
+    without_saved_allocation,
+)
+from senslora.peft_bridge import backbone_prefix
+from senslora.pipeline import Calibration, allocate_model
+from senslora.report import concentration_note
+
+if TYPE_CHECKING:  # pragma: no cover
+    from senslora.finetune.config import TrainConfig
+
+logger = logging.getLogger("senslora.finetune.methods")
+
+
+@dataclass(frozen=True)
+class Sensitivity(Method):
+    """Sensitivity-LoRA: ranks from the allocation of ``variant`` (AllocationConfig fields)."""
+
+    name: str = "senslora"
+    variant: tuple[tuple[str, Any], ...] = ()
+    estimator: str | None = None
+    """None: ``config.estimator`` on ``config.calib``; 'fisher': the Fisher of the labelled
+    training examples (the task's own loss)."""
+
+    def allocation_config(self, config: TrainConfig, **overrides: Any) -> AllocationConfig:
+        fields = {"avg_rank": config.avg_rank, "max_rank": config.max_rank, "budget": config.budget}
+        return AllocationConfig(**{**fields, **dict(self.variant), **overrides})
+
+    def allocate(self, model: nn.Module, ctx: RunContext, **overrides: Any) -> Allocation:
+        """The allocation of this variant (``overrides``: AllocationConfig fields)."""
+        if ctx.saved_allocation is not None:
+            return ctx.saved_allocation
+        labelled = self.estimator is not None
+        allocation = allocate_model(
+            model,
+            ctx.labelled_batches() if labelled else ctx.calibration_batches(),
+            self.allocation_config(ctx.config, **overrides),
+            estimator=self.estimator or ctx.config.estimator,
+            targets=ctx.targets,
+            seed=ctx.config.seed,
+            skip_positions=0 if labelled else ctx.config.skip_positions,
+            outlier_factor=None if labelled else ctx.config.outlier_factor,
+            model_path=ctx.model_path,
+            calibration=(
+                Calibration(description="the task's labelled training examples")
+                if labelled
+                else ctx.calibration
+            ),
+        )
+        note = concentration_note(allocation)
+        if note:
+            logger.warning(note)
+        return allocation
+
+    def prepare(self, model, ctx):
+        return apply_allocation_to(model, ctx, self.allocate(model, ctx))
+
+
+class LoraMatched(Method):
+    """Uniform LoRA at the rank whose parameter count is closest to senslora's equal-rank
+    allocation (209,664 on MiniLM -> r = 5, 207,360): the baseline of an equal-rank comparison.
+    alpha/r stays that of uniform LoRA at the average rank."""
+
+    name = "lora-matched"
+
+    def prepare(self, model, ctx):
+        reference = Sensitivity().allocate(model, without_saved_allocation(ctx), budget="rank")
+        rank = matched_uniform_rank(reference.shapes, reference.num_parameters)
+        base = ctx.lora_config()
+        lora = dataclasses.replace(base, r=rank, lora_alpha=base.lora_alpha * rank / base.r)
+        report = {"matched_rank": rank, "matched_parameters": reference.num_parameters}
+        return Prepared(peft.get_peft_model(model, lora), report=report)
+
+
+class SizePrior(Method):
+    """theta = d_out x d_in through senslora's rounding and budget: no calibration, no weights.
+    Answers "is it the data or the shapes?"."""
+
+    name = "size-prior"
+
+    def prepare(self, model, ctx):
+        allocation = ctx.saved_allocation or size_prior_allocation(
+            model_shapes(model, ctx.targets),
+            Sensitivity().allocation_config(ctx.config),
+        ).with_backbone(backbone_prefix(model))
+        return apply_allocation_to(model, ctx, allocation)
+
+
+class Shuffled(Method):
+    """senslora's ranks permuted among matrices of the same shape (seeded with the run's seed):
+    the same parameter count and shape profile, the per-matrix assignment destroyed. Answers
+    "does the specific assignment matter?"."""
+
+    name = "shuffled"
+
+    def prepare(self, model, ctx):
+        allocation = ctx.saved_allocation or shuffle_ranks(
+            Sensitivity().allocate(model, ctx), seed=ctx.config.seed
+        )
+        return apply_allocation_to(model, ctx, allocation)
