@@ -125,6 +125,11 @@ class TrainConfig:
     eval_steps: int = option(
         0, "Evaluate every N optimizer steps (0: every epoch); all go to results.json."
     )
+    eval_at_start: bool = option(
+        False,
+        "Also evaluate before the first step (step 0 in results.json 'evals'): with LoRA's B = 0 "
+        "start, the untuned model's row.",
+    )
     eva_rho: float = option(2.0, "EVA's rank redistribution factor (max rank = rho x avg rank).")
     max_new_tokens: int = option(48, "Generation tasks: greedy decoding length on the dev set.")
     device: str = option("auto", "auto | cpu | cuda | cuda:N.")
@@ -195,6 +200,8 @@ class TrainConfig:
             raise ValueError(f"skip_positions must be an integer >= 0, got {skip!r}")
         if self.outlier_factor is not None and not self.outlier_factor > 1:
             raise ValueError(f"outlier_factor must be > 1 or None, got {self.outlier_factor!r}")
+        if not isinstance(self.eval_at_start, bool):
+            raise ValueError(f"eval_at_start must be a bool, got {self.eval_at_start!r}")
         if self.eva_rho < 1.0:
             raise ValueError(f"eva_rho must be >= 1, got {self.eva_rho}")
 

@@ -28,15 +28,17 @@ def evaluations(log_history: list[dict]) -> list[dict[str, float]]:
             and not k.endswith(("runtime", "per_second", "loss", "steps_per_second"))
         }
         if scores:
-            epoch = round(float(entry.get("epoch", 0.0)), 3)
+            epoch = round(float(entry.get("epoch") or 0.0), 3)
             rows.append({"step": int(entry.get("step", 0)), "epoch": epoch, **scores})
     return rows
 
 
-def run_results(config, run: LoadedRun, trainer, method, prepared, timings, resumed) -> dict:
+def run_results(config, run: LoadedRun, history, method, prepared, timings, resumed) -> dict:
+    """``history``: the Trainer's log history (with the step-0 evaluation first, if any)."""
     peft_model, task = prepared.model, run.task
-    evals = evaluations(trainer.state.log_history)
-    epochs = [{k: v for k, v in row.items() if k != "step"} for row in evals]
+    evals = evaluations(history)
+    # the epochs, best and last are those of the training; a step-0 evaluation stays in evals
+    epochs = [{k: v for k, v in row.items() if k != "step"} for row in evals if row["step"] > 0]
     main = main_key(task, epochs)
     best = max(epochs, key=lambda row: row[main]) if epochs else None
     ranks = method.final_ranks(prepared)
@@ -69,7 +71,7 @@ def run_results(config, run: LoadedRun, trainer, method, prepared, timings, resu
         "ranks": ranks,
         "epochs": epochs,
         "evals": evals,
-        "train_losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+        "train_losses": [e["loss"] for e in history if "loss" in e],
         "best": best,
         "last": epochs[-1] if epochs else None,
         "train_seconds": round(timings["train"], 2),

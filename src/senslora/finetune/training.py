@@ -115,10 +115,14 @@ def _train(config: TrainConfig, out_dir: Path, progress: bool, verbose: bool) ->
     trainer = _trainer(config, run, prepared, method, out_dir)
     _show_progress(trainer, config, run, progress, verbose)
     resume = any((out_dir / "checkpoints").glob("checkpoint-*"))
+    start_eval = None  # step 0: for LoRA-family methods (B = 0) the untuned model
+    if config.eval_at_start and not resume:
+        start_eval = {**trainer.evaluate(), "step": 0, "epoch": 0.0}
     train_start = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if resume else None)
     timings = {"wall": time.perf_counter() - start, "train": time.perf_counter() - train_start}
-    results = run_results(config, run, trainer, method, prepared, timings, resume)
+    history = ([start_eval] if start_eval else []) + trainer.state.log_history
+    results = run_results(config, run, history, method, prepared, timings, resume)
     if trainer.is_world_process_zero():
         method.finalize(prepared)
         method.save(prepared, out_dir / "adapter")
