@@ -31,6 +31,9 @@ from senslora.serialization import load_allocation
 
 TINY = ["--avg-rank", "2", "--epochs", "1", "--batch-size", "8", "--max-length", "32"]
 TINY += ["--calib-samples", "8", "--calib-seq-len", "16", "--device", "cpu"]
+SHORT = ["--train-limit", "32", "--dev-limit", "16"]
+"""Four optimizer steps. A tiny run takes about 1 s with one torch thread, 10-15 s with two on
+a 2-core machine busy with other work (the threads wait for each other): hence `slow`."""
 
 
 def train(*args) -> tuple:
@@ -58,7 +61,29 @@ def write_sst2(folder, rng: random.Random) -> None:
 
 
 @pytest.fixture(scope="module")
-def glue_run(folders, tmp_path_factory):  # noqa: F811
+def wide_bert(folders, tmp_path_factory):  # noqa: F811
+    """The tiny BERT with a 96-wide feed-forward layer (16 x 16 and 16 x 96 matrices): shapes
+    far enough apart that senslora's ranks change the parameter count (the rank budget spends
+    more than uniform LoRA, the matched uniform rank differs from the average rank) and that
+    the size prior tells them apart. On the 24-wide model all three coincide with uniform."""
+    folder = tmp_path_factory.mktemp("wide-bert")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=96, max_position_embeddings=64, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(folders / "bert")
+    model = BertForSequenceClassification(config)
+    model.resize_token_embeddings(tokenizer.vocab_size)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def glue_run(wide_bert, tmp_path_factory):
     """One senslora run with --glue-dir, the limits, --calib task, --learning-rate and
     --budget parameters: each test below checks one of them."""
     root = tmp_path_factory.mktemp("glue-run")
@@ -66,14 +91,14 @@ def glue_run(folders, tmp_path_factory):  # noqa: F811
     out = root / "run"
     code, output, saved = train(
         "--method", "senslora", "--task", "glue:sst2", "--glue-dir", root / "glue",
-        "--model", folders / "bert", "--train-limit", 24, "--dev-limit", 8, "--calib", "task",
+        "--model", wide_bert, "--train-limit", 24, "--dev-limit", 8, "--calib", "task",
         "--learning-rate", 3e-3, "--budget", "parameters", *TINY, "--out", out,
     )  # fmt: skip
     assert code == 0, output
     return saved, load_allocation(out / "allocation.json")
 
 
-@pytest.mark.slow  # the shared run above: about 6 s
+@pytest.mark.slow  # the shared run above (3 steps)
 def test_glue_dir_reads_the_local_glue_layout(glue_run):
     saved, _ = glue_run
     assert saved["task"] == "glue:sst2" == saved["config"]["task"]
@@ -107,8 +132,8 @@ def test_learning_rate_reaches_the_run(glue_run):
 def test_budget_parameters_keeps_within_uniform_lora(glue_run):
     saved, allocation = glue_run
     uniform = uniform_lora_parameters(allocation.shapes, 2)
-    assert allocation.config.budget == "parameters" == saved["config"]["budget"]
     assert saved["parameters"]["lora"] == allocation.num_parameters <= uniform
+    assert allocation.config.budget == "parameters" == saved["config"]["budget"]
 
 
 class RecordOptimizer(TrainerCallback):
@@ -123,7 +148,7 @@ class RecordOptimizer(TrainerCallback):
         ]
 
 
-@pytest.mark.slow  # one epoch: about 5 s
+@pytest.mark.slow  # one epoch of SHORT
 def test_pooling_and_head_learning_rate_shape_the_head_and_its_optimizer(
     folders,  # noqa: F811
     tmp_path,
@@ -134,7 +159,7 @@ def test_pooling_and_head_learning_rate_shape_the_head_and_its_optimizer(
     code, output, saved = train(
         "--method", "lora", "--task", f"csv:{folders / 'sentiment.csv'}", "--model",
         folders / "bert", "--pooling", "mean", "--learning-rate", 1e-3,
-        "--head-learning-rate", 2e-2, *TINY, "--out", tmp_path / "run",
+        "--head-learning-rate", 2e-2, *TINY, *SHORT, "--out", tmp_path / "run",
     )  # fmt: skip
     assert code == 0, output
     assert saved["config"]["pooling"] == "mean" and saved["config"]["head_learning_rate"] == 2e-2
@@ -147,12 +172,13 @@ def test_pooling_and_head_learning_rate_shape_the_head_and_its_optimizer(
     assert any("lora_" in name for name in rates)
 
 
-@pytest.mark.slow  # one epoch: about 4 s
+@pytest.mark.slow  # one epoch of SHORT
 def test_method_frozen_trains_the_head_alone(folders, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     code, output, saved = train(
         "--method", "frozen", "--task", f"csv:{folders / 'sentiment.csv'}", "--model",
-        folders / "bert", "--pooling", "mean", "--head-learning-rate", 1e-2, *TINY, "--out", out,
+        folders / "bert", "--pooling", "mean", "--head-learning-rate", 1e-2, *TINY, *SHORT,
+        "--out", out,
     )  # fmt: skip
     assert code == 0, output
     assert saved["ranks"] == {} and saved["parameters"]["lora"] == 0
@@ -166,30 +192,11 @@ def test_method_frozen_trains_the_head_alone(folders, tmp_path):  # noqa: F811
 NEW_METHODS = ("size-prior", "shuffled", "lora-matched", "senslora-fisher")
 
 
-def save_wide_bert(folder, tokenizer_folder) -> None:
-    """The tiny BERT with a 96-wide feed-forward layer (16 x 16 and 16 x 96 matrices): shapes
-    far enough apart that senslora's ranks change the parameter count, so that the matched
-    uniform rank differs from the average rank, and the size prior tells the shapes apart."""
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=96, max_position_embeddings=64, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
-    model = BertForSequenceClassification(config)
-    model.resize_token_embeddings(tokenizer.vocab_size)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-
-
 @pytest.fixture(scope="module")
-def method_runs(folders, tmp_path_factory):  # noqa: F811
+def method_runs(folders, wide_bert, tmp_path_factory):  # noqa: F811
     """One epoch of each new method on the same model, task, calibration and seed; the size
     prior with calibration made to fail (it must not calibrate)."""
     root = tmp_path_factory.mktemp("methods")
-    save_wide_bert(root / "wide", folders / "bert")
 
     def no_calibration(*args, **kwargs):
         raise AssertionError("the size prior must not calibrate")
@@ -201,7 +208,7 @@ def method_runs(folders, tmp_path_factory):  # noqa: F811
                 patch.setattr(methods, "allocate_model", no_calibration)
             code, output, saved = train(
                 "--method", method, "--task", f"csv:{folders / 'sentiment.csv'}", "--model",
-                root / "wide", *TINY, "--out", root / method,
+                wide_bert, *TINY, *SHORT, "--out", root / method,
             )  # fmt: skip
         runs[method] = (code, output, saved, root / method)
     return runs
@@ -215,7 +222,7 @@ def finished(method_runs, method):
     return saved, out
 
 
-@pytest.mark.slow  # the four runs of the fixture
+@pytest.mark.slow  # the four runs of the fixture, one epoch of SHORT each
 def test_size_prior_ranks_follow_the_matrix_sizes(method_runs):
     saved, out = finished(method_runs, "size-prior")
     allocation = load_allocation(out / "allocation.json")

@@ -99,7 +99,7 @@ def torchrun_worker(config: dict, out: Path, processes: int = 2) -> list[dict]:
     return [torch.load(f"{out}.rank{rank}.pt", weights_only=False) for rank in range(processes)]
 
 
-@pytest.mark.slow  # two torchrun processes and one in-process run: about 25 s
+@pytest.mark.slow  # two torchrun processes and one in-process run: 11-25 s
 def test_two_processes_train_the_weights_of_one_process_at_the_same_global_batch(
     folders,  # noqa: F811
     tmp_path,

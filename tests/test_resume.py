@@ -37,7 +37,7 @@ def adapter_weights(run_dir) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
-@pytest.mark.slow  # three short runs: about 12 s
+@pytest.mark.slow  # three runs of 3 or 6 steps (see SHORT in test_cli_train.py)
 def test_an_interrupted_run_resumes_with_its_allocation_and_ends_like_an_uninterrupted_one(
     folders,  # noqa: F811
     tmp_path,
