@@ -224,7 +224,11 @@ def _context(config: TrainConfig, run: LoadedRun, saved: Path) -> RunContext:
 
 def _trainer(config, run: LoadedRun, prepared, method, out_dir: Path) -> Trainer:
     args = _training_arguments(
-        config, out_dir / "checkpoints", run.steps_per_epoch, method.checkpoints
+        config,
+        out_dir / "checkpoints",
+        run.steps_per_epoch,
+        method.checkpoints,
+        token_loss=run.generation,
     )
     callbacks = list(prepared.callbacks)
     if config.eval_steps:
@@ -279,9 +283,17 @@ def _training_arguments(
     output_dir: Path,
     steps_per_epoch: int,
     checkpoints: bool = True,
+    *,
+    token_loss: bool = False,
 ) -> TrainingArguments:
     """Per-epoch evaluation and logging, or every ``eval_steps``; a checkpoint every epoch for
-    the methods whose state a peft checkpoint holds."""
+    the methods whose state a peft checkpoint holds.
+
+    ``token_loss``: the model's loss is a sum over tokens divided by the Trainer's token count
+    (causal LM), which the Trainer then counts over every process. Otherwise (classification:
+    a per-example mean that ignores that count) the count is not shared: the Trainer would
+    multiply the loss by the number of processes, doubling the gradients of a two-process run
+    (and changing what gradient clipping does) and the logged training loss."""
     device = resolve_device(config.device)
     schedule = {"eval_strategy": "epoch", "logging_strategy": "epoch"}
     if config.eval_steps:
@@ -312,6 +324,7 @@ def _training_arguments(
         bf16=config.dtype == "bfloat16" and device.type == "cuda",
         dataloader_num_workers=0,
         remove_unused_columns=False,
+        average_tokens_across_devices=token_loss,
     )
 
 

@@ -1,0 +1,97 @@
+"""An interrupted `run_training` resumes from its checkpoint and its allocation.json: the
+allocation is read back, not recomputed, and the run ends where an uninterrupted one ends."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from method_hooks import WithCallback
+from safetensors.torch import load_file
+from test_training import folders  # noqa: F401  (fixture: tiny model folders and task files)
+from transformers import TrainerCallback
+
+from senslora.finetune import methods, training
+from senslora.finetune.config import TrainConfig
+
+
+class Interrupted(Exception):
+    """Stands for a killed process."""
+
+
+class InterruptAfterFirstCheckpoint(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        raise Interrupted(f"stopped after the checkpoint of step {state.global_step}")
+
+
+class CountSteps(TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+def adapter_weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.slow  # three runs of 3 or 6 steps (see SHORT in test_cli_train.py)
+def test_an_interrupted_run_resumes_with_its_allocation_and_ends_like_an_uninterrupted_one(
+    folders,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    config = TrainConfig(
+        method="senslora",
+        task=f"csv:{folders / 'sentiment.csv'}",
+        model=str(folders / "bert"),
+        avg_rank=2,
+        epochs=2,
+        batch_size=16,
+        learning_rate=5e-3,
+        train_limit=48,
+        calib_samples=8,
+        calib_seq_len=16,
+        device="cpu",
+        max_length=32,
+    )
+    whole = training.run_training(config, tmp_path / "whole", progress=False)
+    assert whole["resumed"] is False
+
+    run_dir = tmp_path / "resumed"
+    with monkeypatch.context() as patch:
+        interrupting = WithCallback(training.METHODS["senslora"], InterruptAfterFirstCheckpoint())
+        patch.setitem(training.METHODS, "senslora", interrupting)
+        with pytest.raises(Interrupted, match="step 3"):
+            training.run_training(config, run_dir, progress=False)
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["checkpoint-3"]
+    assert not (run_dir / "results.json").exists()
+    saved_allocation = (run_dir / "allocation.json").read_text()
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("a resumed run must reuse allocation.json, not calibrate again")
+
+    monkeypatch.setattr(methods, "allocate_model", no_calibration)
+    counter = CountSteps()
+    monkeypatch.setitem(
+        training.METHODS, "senslora", WithCallback(training.METHODS["senslora"], counter)
+    )
+    resumed = training.run_training(config, run_dir, progress=False)
+
+    assert counter.steps == [4, 5, 6]  # the second epoch only: 48 examples in batches of 16
+    assert resumed["resumed"] is True
+    assert json.loads((run_dir / "results.json").read_text())["resumed"] is True
+    assert (run_dir / "allocation.json").read_text() == saved_allocation
+    assert resumed["ranks"] == whole["ranks"]
+    assert not (run_dir / "checkpoints").exists()
+    assert resumed["train_losses"] == pytest.approx(whole["train_losses"], abs=1e-6)
+    assert [e["epoch"] for e in resumed["epochs"]] == [1.0, 2.0]
+    for mine, reference in zip(resumed["epochs"], whole["epochs"], strict=True):
+        assert mine == pytest.approx(reference, abs=1e-6)
+    reference_weights = adapter_weights(tmp_path / "whole")
+    weights = adapter_weights(run_dir)
+    assert sorted(weights) == sorted(reference_weights)
+    for name, weight in reference_weights.items():
+        torch.testing.assert_close(weights[name], weight, rtol=0, atol=1e-6)
