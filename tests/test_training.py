@@ -249,3 +249,13 @@ def test_train_command_takes_the_hyperadalora_options(folders, tmp_path):
     assert f"{saved['parameters']['hypernetwork']:,} adapter parameters" in printed
     bad = CliRunner().invoke(app, [*args[:4], "sometimes", *args[5:-1], str(tmp_path / "x")])
     assert bad.exit_code == 2 and "hyperadalora_init must be one of" in " ".join(bad.output.split())
+
+
+def test_evaluation_at_start_is_the_untuned_model_and_stays_out_of_best(folders, tmp_path):
+    results = train(folders, tmp_path, method="lora", epochs=1, eval_at_start=True)
+    start, *trained = results["evals"]
+    assert (start["step"], start["epoch"]) == (0, 0.0)
+    assert len(trained) == 1 and trained[0]["step"] > 0
+    assert len(results["epochs"]) == 1 and results["best"]["epoch"] == 1.0
+    untuned = train(folders, tmp_path / "untuned", method="lora", epochs=1, learning_rate=1e-12)
+    assert start["accuracy"] == pytest.approx(untuned["last"]["accuracy"])  # B = 0: base model

@@ -68,6 +68,7 @@ def run_results(config, run: LoadedRun, history, method, prepared, timings, resu
             "hypernetwork": prepared.report.get("hypernetwork_parameters", 0),
         },
         "init_ranks": prepared.report.get("init_ranks"),
+        "method_report": {k: v for k, v in prepared.report.items() if k != "init_ranks"},
         "ranks": ranks,
         "epochs": epochs,
         "evals": evals,
