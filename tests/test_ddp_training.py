@@ -73,8 +73,12 @@ def test_two_process_training_saves_a_reloadable_adapter(folders, tmp_path):  # 
 
     from transformers import AutoModelForSequenceClassification
 
+    batch = torch.tensor([[101, 2000, 2001, 102]])
+    with torch.no_grad():
+        untrained = AutoModelForSequenceClassification.from_pretrained(folders / "bert")
+        untrained_logits = untrained.eval()(input_ids=batch).logits
     base = AutoModelForSequenceClassification.from_pretrained(folders / "bert")
-    model = peft.PeftModel.from_pretrained(base, out / "adapter")
+    model = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
     ranks = {
         n: m.r["default"]
         for n, m in model.get_base_model().named_modules()
@@ -82,8 +86,11 @@ def test_two_process_training_saves_a_reloadable_adapter(folders, tmp_path):  # 
     }
     assert ranks == allocation.ranks
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([[101, 2000, 102]])).logits
+        logits = model(input_ids=batch).logits
+        merged = model.merge_and_unload()(input_ids=batch).logits
     assert torch.isfinite(logits).all()
+    assert not torch.allclose(logits, untrained_logits, atol=1e-4)  # the trained head and adapter
+    torch.testing.assert_close(merged, logits, rtol=1e-4, atol=1e-5)
 
 
 def torchrun_worker(config: dict, out: Path, processes: int = 2) -> list[dict]:

@@ -76,7 +76,10 @@ def test_each_method_trains_and_reports(folders, tmp_path, method):
     assert results["parameters"]["lora"] > 0
     assert (tmp_path / method / "adapter" / "adapter_config.json").exists()
     assert not (tmp_path / method / "checkpoints").exists()
-    assert 0.0 <= results["last"]["accuracy"] <= 1.0
+    epochs = results["epochs"]
+    assert results["last"] == epochs[-1]
+    assert results["best"] == max(epochs, key=lambda row: row["accuracy"])
+    assert [row["epoch"] for row in epochs] == [1.0, 2.0, 3.0, 4.0]
 
 
 def test_senslora_keeps_the_rank_budget_of_lora(folders, tmp_path):
