@@ -25,8 +25,8 @@ from torch import nn
 from senslora.allocation import Allocation, allocate_ranks
 from senslora.batches import LossFn
 from senslora.config import AllocationConfig
-from senslora.estimators import collect_statistics
 from senslora.peft_bridge import apply_allocation, backbone_prefix
+from senslora.pipeline import Calibration, calibrate
 from senslora.targets import find_target_modules
 
 ForwardFn = Callable[[nn.Module, Any], Any]
@@ -98,15 +98,30 @@ def compute_allocation(
         config = AllocationConfig(avg_rank=lora_config.r if lora_config is not None else 8)
     targets = calibration_targets(lora_config)
     batches = map(prepare_model_inputs_fn, dataloader) if prepare_model_inputs_fn else dataloader
+    described = Calibration(description=(provenance or {}).get("calibration", "user batches"))
     if forward_fn is None:
-        stats = collect_statistics(model, batches, estimator, targets, loss_fn)
+        calibrated = calibrate(
+            model,
+            batches,
+            estimator=estimator,
+            targets=targets,
+            loss_fn=loss_fn,
+            calibration=described,
+        )
+        stats = calibrated.stats
     else:  # the wrapper's module names start with "inner."; its targets are the model's own
         names = [f"{_INNER}.{name}" for name in find_target_modules(model, targets)]
-        wrapper = _ForwardWith(model, forward_fn)
         loss = _inner_loss(loss_fn) if loss_fn is not None else None
-        stats = collect_statistics(wrapper, batches, estimator, names, loss)
-        stats = {name.removeprefix(_INNER + "."): s for name, s in stats.items()}
-    record = {"model_class": type(model).__name__, "estimator": estimator, **(provenance or {})}
+        calibrated = calibrate(
+            _ForwardWith(model, forward_fn),
+            batches,
+            estimator=estimator,
+            targets=names,
+            loss_fn=loss,
+            calibration=described,
+        )
+        stats = {name.removeprefix(_INNER + "."): s for name, s in calibrated.stats.items()}
+    record = {**calibrated.provenance, "model_class": type(model).__name__, **(provenance or {})}
     return allocate_ranks(stats, config, provenance=record, backbone=backbone_prefix(model))
 
 

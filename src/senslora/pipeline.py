@@ -10,15 +10,16 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from senslora.allocation import Allocation, allocate_ranks
+from senslora.batches import LossFn
 from senslora.config import AllocationConfig
-from senslora.data import CalibrationConfig, count_tokens, describe_source
+from senslora.data import CalibrationConfig, describe_source
 from senslora.estimators import collect_statistics
 from senslora.peft_bridge import backbone_prefix
 from senslora.stats import ModuleStats
@@ -59,12 +60,28 @@ class Calibrated:
         )
 
 
+class _Tally:
+    """Counts the sequences and real tokens of the batches as they pass (any iterable, once)."""
+
+    def __init__(self) -> None:
+        self.sequences = self.tokens = 0
+
+    def count(self, batches: Iterable[Any]) -> Iterator[Any]:
+        for batch in batches:
+            if isinstance(batch, Mapping) and "input_ids" in batch:
+                self.sequences += len(batch["input_ids"])
+                mask = batch.get("attention_mask")
+                self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            yield batch
+
+
 def calibrate(
     model: nn.Module,
-    batches: Sequence[dict],
+    batches: Iterable[Any],
     *,
     estimator: str = "activation",
     targets: TargetSpec = "all-linear",
+    loss_fn: LossFn | None = None,
     keep_gram: bool = False,
     num_probes: int = 8,
     seed: int = 0,
@@ -76,18 +93,21 @@ def calibrate(
 ) -> Calibrated:
     """Collect the statistics of ``model`` on ``batches`` and record how they were made.
 
-    ``progress`` wraps the batches (a progress bar) without changing them; ``skip_positions``
+    ``batches`` is any iterable, read once. ``progress`` wraps a sequence of batches (a progress
+    bar) without changing them; ``loss_fn`` is the fisher / hutchinson loss; ``skip_positions``
     and ``outlier_factor`` are the activation estimator's token filters (`collect_statistics`).
     """
     from senslora import __version__
 
     calibration = calibration or Calibration()
+    tally = _Tally()
     start = time.perf_counter()
     stats = collect_statistics(
         model,
-        progress(batches) if progress is not None else batches,
+        tally.count(progress(batches) if progress is not None else batches),
         estimator=estimator,
         targets=targets,
+        loss_fn=loss_fn,
         num_probes=num_probes,
         seed=seed,
         keep_gram=keep_gram,
@@ -101,8 +121,8 @@ def calibrate(
         "calibration_config": (
             dataclasses.asdict(calibration.config) if calibration.config is not None else None
         ),
-        "num_sequences": sum(len(b["input_ids"]) for b in batches),
-        "num_tokens": count_tokens(batches),
+        "num_sequences": tally.sequences,
+        "num_tokens": tally.tokens,
         "estimator": estimator,
         "token_filters": {"skip_positions": skip_positions, "outlier_factor": outlier_factor},
         "targets": targets if isinstance(targets, str) else list(targets),
