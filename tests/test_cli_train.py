@@ -25,8 +25,9 @@ from transformers import (
 from typer.testing import CliRunner
 
 from senslora.controls import matched_uniform_rank, uniform_lora_parameters
-from senslora.finetune import methods, training
+from senslora.finetune import training
 from senslora.finetune.heads import PooledClassifier, is_head_parameter
+from senslora.finetune.methods import sensitivity
 from senslora.serialization import load_allocation
 
 TINY = ["--avg-rank", "2", "--epochs", "1", "--batch-size", "8", "--max-length", "32"]
@@ -205,7 +206,7 @@ def method_runs(folders, wide_bert, tmp_path_factory):  # noqa: F811
     for method in NEW_METHODS:
         with pytest.MonkeyPatch.context() as patch:
             if method == "size-prior":
-                patch.setattr(methods, "allocate_model", no_calibration)
+                patch.setattr(sensitivity, "allocate_model", no_calibration)
             code, output, saved = train(
                 "--method", method, "--task", f"csv:{folders / 'sentiment.csv'}", "--model",
                 wide_bert, *TINY, *SHORT, "--out", root / method,

@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 from test_training import folders  # noqa: F401  (fixture: tiny model folders and task files)
 from transformers import TrainerCallback
 
-from senslora.finetune import methods, training
+from senslora.finetune import training
 from senslora.finetune.config import TrainConfig
+from senslora.finetune.methods import sensitivity
 
 
 class Interrupted(Exception):
@@ -73,7 +74,7 @@ def test_an_interrupted_run_resumes_with_its_allocation_and_ends_like_an_uninter
     def no_calibration(*args, **kwargs):
         raise AssertionError("a resumed run must reuse allocation.json, not calibrate again")
 
-    monkeypatch.setattr(methods, "allocate_model", no_calibration)
+    monkeypatch.setattr(sensitivity, "allocate_model", no_calibration)
     counter = CountSteps()
     monkeypatch.setitem(
         training.METHODS, "senslora", WithCallback(training.METHODS["senslora"], counter)
