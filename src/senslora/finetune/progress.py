@@ -55,6 +55,7 @@ class RichProgress(TrainerCallback):
             TextColumn("{task.fields[status]}"),
             TimeElapsedColumn(),
             console=self.console,
+            transient=not self.console.is_terminal,  # a log file keeps the evaluation lines only
         )
         self.progress.start()
         self.task = self.progress.add_task(
