@@ -6,6 +6,7 @@ A spec::
     methods = ["lora", "senslora", "adalora"]
     tasks = ["glue:rte", "glue:mrpc"]
     seeds = [0, 1, 2]
+    references = ["lora", "senslora"]   # paired comparisons (default: lora, when in the grid)
 
     [defaults]                 # any TrainConfig field
     model = "minilm"
@@ -32,9 +33,19 @@ from typing import Any
 
 from senslora.files import write_text_atomic
 from senslora.finetune.config import TrainConfig
+from senslora.finetune.paired import holm, paired_summary
 
 logger = logging.getLogger(__name__)
-SPEC_KEYS = {"out", "methods", "tasks", "seeds", "defaults", "overrides", "selection"}
+SPEC_KEYS = {
+    "out",
+    "methods",
+    "tasks",
+    "seeds",
+    "defaults",
+    "overrides",
+    "selection",
+    "references",
+}
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,8 @@ class BenchSpec:
     overrides: dict[str, dict[str, Any]]
     selection: str = "last"
     """Which epoch the main table reports: 'last' (no selection on dev) or 'best'."""
+    references: tuple[str, ...] = ("lora",)
+    """Every other method is compared with each of these, seed by seed (paired)."""
 
     def run_dir(self, task: str, method: str, seed: int) -> Path:
         return self.out / task.replace(":", "-").replace("/", "_") / method / f"seed{seed}"
@@ -97,7 +110,11 @@ def load_spec(path: str | Path) -> BenchSpec:
         defaults=defaults,
         overrides=overrides,
         selection=data.get("selection", "last"),
+        references=tuple(data.get("references", [m for m in ("lora",) if m in data["methods"]])),
     )
+    missing = [r for r in spec.references if r not in spec.methods]
+    if missing:
+        raise ValueError(f"{path}: references {missing} are not among the methods {spec.methods}")
     if spec.selection not in ("last", "best"):
         raise ValueError(f"selection must be 'last' or 'best', got {spec.selection!r}")
     for task, method, seed in spec.runs():
@@ -143,35 +160,54 @@ def adapter_parameters(result: dict[str, Any]) -> int:
     return int(parameters["lora"]) + int(parameters.get("hypernetwork", 0))
 
 
-def aggregate(results: list[dict[str, Any]], methods, tasks, selection="last") -> dict[str, Any]:
+def aggregate(
+    results: list[dict[str, Any]], methods, tasks, selection="last", references=("lora",)
+) -> dict[str, Any]:
     """Mean ± std over seeds per method and task, the average over tasks, and each method's
-    paired (same seed) difference to ``lora``."""
+    paired (same seed) difference to each reference: mean, 95% interval, paired t-test p (and
+    Holm-corrected over the tasks), seeds won (`senslora.finetune.paired`)."""
     by = {(r["method"], r["task"], r["config"]["seed"]): r for r in results}
     table: dict[str, dict[str, Any]] = {}
     for method in methods:
         row: dict[str, Any] = {}
         for task in tasks:
             runs = [r for (m, t, _), r in by.items() if m == method and t == task]
-            values = [score(r, selection) for r in runs]
-            row[task] = _summary(values)
+            row[task] = _summary([score(r, selection) for r in runs])
             counts = sorted(adapter_parameters(r) for r in runs)
             row[task]["params"] = adapter_parameters(runs[0]) if runs else None
             # the allocation, hence the count, may differ with the seed's calibration sample
             row[task]["params_range"] = [counts[0], counts[-1]] if runs else None
-            if method != "lora":
-                diffs = [
-                    score(r, selection) - score(by[("lora", task, s)], selection)
-                    for (m, t, s), r in by.items()
-                    if m == method and t == task and ("lora", task, s) in by
-                ]
-                row[task]["diff_vs_lora"] = _summary(diffs)
+        for reference in references:
+            if method != reference:
+                _compare(row, by, method, reference, tasks, selection)
         complete = [row[t]["mean"] for t in tasks if row[t]["n"]]
         row["average"] = {
             "mean": statistics.fmean(complete) if len(complete) == len(tasks) else None,
             "tasks": len(complete),
         }
         table[method] = row
-    return {"selection": selection, "methods": list(methods), "tasks": list(tasks), "table": table}
+    return {
+        "selection": selection,
+        "methods": list(methods),
+        "tasks": list(tasks),
+        "references": list(references),
+        "table": table,
+    }
+
+
+def _compare(row: dict, by: dict, method: str, reference: str, tasks, selection: str) -> None:
+    """``row[task]["diff_vs_<reference>"]`` for every task, Holm-corrected over the tasks."""
+    key = f"diff_vs_{reference}"
+    for task in tasks:
+        diffs = [
+            score(r, selection) - score(by[(reference, task, s)], selection)
+            for (m, t, s), r in sorted(by.items(), key=lambda item: item[0][2])
+            if m == method and t == task and (reference, task, s) in by
+        ]
+        row[task][key] = paired_summary(diffs)
+    adjusted = holm({task: row[task][key]["p"] for task in tasks})
+    for task in tasks:
+        row[task][key]["p_holm"] = adjusted[task]
 
 
 def _summary(values: list[float]) -> dict[str, Any]:
@@ -200,23 +236,38 @@ def render_markdown(summary: dict[str, Any]) -> str:
             + _params_cell([row[t].get("params_range") for t in tasks])
             + " |"
         )
-    lines += [
+    for reference in summary.get("references", ["lora"]):
+        lines += _paired_lines(summary, reference)
+    return "\n".join(lines) + "\n"
+
+
+def _paired_lines(summary: dict[str, Any], reference: str) -> list[str]:
+    tasks, table = summary["tasks"], summary["table"]
+    lines = [
         "",
-        "Paired difference to `lora` (same seed), mean ± std:",
+        f"Paired difference to `{reference}` (same seed): mean [95% interval], paired t-test p "
+        "Holm-corrected over the tasks, seeds won / n:",
         "",
         "| method | " + " | ".join(tasks) + " |",
         "|" + "---|" * (len(tasks) + 1),
     ]
     for method, row in table.items():
-        if method != "lora":
-            lines.append(
-                f"| {method} | "
-                + " | ".join(
-                    _cell(row[t].get("diff_vs_lora", {"n": 0}), signed=True) for t in tasks
-                )
-                + " |"
-            )
-    return "\n".join(lines) + "\n"
+        if method != reference:
+            cells = [_paired_cell(row[t].get(f"diff_vs_{reference}", {"n": 0})) for t in tasks]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _paired_cell(stats: dict[str, Any]) -> str:
+    if not stats.get("n"):
+        return "-"
+    text = f"{stats['mean']:+.2f}"
+    if stats.get("ci95") is not None:
+        low, high = stats["ci95"]
+        text += f" [{low:+.2f}, {high:+.2f}]"
+    if stats.get("p_holm") is not None:
+        text += f", p {stats['p_holm']:.3f}"
+    return text + f", {stats['wins']}/{stats['n']}"
 
 
 def _params_cell(ranges: list[list[int] | None]) -> str:
@@ -237,7 +288,10 @@ def _cell(stats: dict[str, Any], signed: bool = False) -> str:
 
 def write_summary(spec: BenchSpec) -> dict[str, Any]:
     results = collect_results(spec)
-    summaries = {sel: aggregate(results, spec.methods, spec.tasks, sel) for sel in ("last", "best")}
+    summaries = {
+        sel: aggregate(results, spec.methods, spec.tasks, sel, spec.references)
+        for sel in ("last", "best")
+    }
     primary = summaries[spec.selection]
     write_text_atomic(
         spec.out / "results.json", json.dumps({"main": primary, **summaries}, indent=2) + "\n"

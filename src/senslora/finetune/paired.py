@@ -1,0 +1,54 @@
+"""Paired comparisons of two methods over seeds: the mean difference with its 95% interval, a
+paired t-test, the seeds won, and Holm's correction over several tasks. Pure functions."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def paired_summary(differences: Sequence[float]) -> dict[str, Any]:
+    """``differences`` (method − reference, one per seed, same seed on both sides) ->
+    n, mean, std, the 95% t-interval of the mean (``ci95`` = [low, high]), the two-sided
+    p-value of the paired t-test (the one-sample t-test of the differences against 0), and
+    ``wins``: how many differences are > 0. With one difference the interval and p are None;
+    with differences that are all equal p is 1.0 when they are 0, else 0.0."""
+    from scipy import stats
+
+    values = [float(d) for d in differences]
+    n = len(values)
+    if n == 0:
+        return {"n": 0, "mean": None, "std": None, "ci95": None, "p": None, "wins": 0}
+    mean = statistics.fmean(values)
+    wins = sum(d > 0 for d in values)
+    if n == 1:
+        return {"n": 1, "mean": mean, "std": 0.0, "ci95": None, "p": None, "wins": wins}
+    std = statistics.stdev(values)
+    if std == 0.0:
+        p = 1.0 if mean == 0.0 else 0.0
+        return {"n": n, "mean": mean, "std": 0.0, "ci95": [mean, mean], "p": p, "wins": wins}
+    half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
+    p = float(stats.ttest_1samp(values, 0.0).pvalue)
+    return {
+        "n": n,
+        "mean": mean,
+        "std": std,
+        "ci95": [mean - half, mean + half],
+        "p": p,
+        "wins": wins,
+    }
+
+
+def holm(p_values: Mapping[str, float | None]) -> dict[str, float | None]:
+    """Holm's step-down adjustment of a family of p-values (None stays None): the i-th smallest
+    of m is multiplied by m - i (i from 0), made monotone, capped at 1."""
+    present = sorted((p, key) for key, p in p_values.items() if p is not None)
+    m = len(present)
+    adjusted: dict[str, float | None] = {key: None for key in p_values}
+    running = 0.0
+    for i, (p, key) in enumerate(present):
+        running = max(running, min(1.0, (m - i) * p))
+        adjusted[key] = running
+    return adjusted
