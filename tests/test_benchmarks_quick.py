@@ -120,3 +120,33 @@ def test_decoder_diagnosis_quick(tmp_path, monkeypatch):
         assert sum(allocation["ranks"].values()) == 14 * 8
         assert 0 < allocation["top3_share"] <= 1
     assert allocations["default"]["spearman_to_default"] == pytest.approx(1.0)
+
+
+def test_plot_curves_reads_every_evaluation_of_the_finished_runs(tmp_path, monkeypatch):
+    folder = tmp_path / "lr5e-4"
+    for seed, values in ((0, [0.5, 0.6, 0.7]), (1, [0.55, 0.65, 0.6])):
+        run = folder / "glue-rte" / "lora" / f"seed{seed}"
+        run.mkdir(parents=True)
+        evals = [
+            {"step": 10 * (i + 1), "epoch": i + 1.0, "accuracy": v} for i, v in enumerate(values)
+        ]
+        result = {
+            "task": "glue:rte",
+            "method": "lora",
+            "main_metric": "accuracy",
+            "config": {"seed": seed, "learning_rate": 5e-4},
+            "evals": [{"step": 0, "epoch": 0.0, "accuracy": 0.4}, *evals],
+            "train_losses": [0.7, 0.6, 0.5],
+        }
+        (run / "results.json").write_text(json.dumps(result))
+    (folder / "glue-rte" / "lora" / "seed2").mkdir()  # unfinished: no results.json
+    out, table = tmp_path / "curves.png", tmp_path / "curves.json"
+    monkeypatch.setattr(
+        sys, "argv", ["plot_curves", str(folder), "--out", str(out), "--json", str(table)]
+    )
+    runpy.run_path(str(BENCHMARKS / "plot_curves.py"), run_name="__main__")
+    curves = json.loads(table.read_text())
+    assert [c["label"] for c in curves] == ["lr5e-4 lora seed 0", "lr5e-4 lora seed 1"]
+    flat = [value for point in curves[1]["points"] for value in point]
+    assert flat == pytest.approx([0.0, 40.0, 1.0, 55.0, 2.0, 65.0, 3.0, 60.0])
+    assert out.stat().st_size > 0
