@@ -68,3 +68,21 @@ def test_alpha_defaults_to_twice_the_average_rank():
     assert TrainConfig(avg_rank=8).alpha == 16.0
     assert TrainConfig(avg_rank=8, lora_alpha=4.0).alpha == 4.0
     assert TrainConfig(avg_rank=3).to_dict()["avg_rank"] == 3
+
+
+def test_senslora_train_has_every_field_with_the_config_default():
+    """`senslora train` exposes every TrainConfig field, its default read from TrainConfig."""
+    import dataclasses
+
+    import typer
+
+    from senslora.cli import app
+    from senslora.finetune.config import default_of, help_of
+
+    command = typer.main.get_command(app).commands["train"]
+    options = {p.name: p for p in command.params}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(options) == names | {"out", "overwrite", "verbose"}
+    for name in names:
+        assert options[name].default == default_of(name), name
+        assert options[name].help == help_of(name), name
