@@ -146,11 +146,18 @@ def committed_allocation_files() -> list[Path]:
 def test_every_committed_allocation_file_still_loads():
     files = committed_allocation_files()
     assert len(files) >= 10, f"expected the committed benchmark allocations, found {len(files)}"
+    backbones = set()
     for path in files:
         allocation = senslora.load_allocation(path)
-        assert allocation.backbone == ""
+        recorded = json.loads(path.read_text()).get("backbone", "")
+        assert allocation.backbone == recorded  # older files hold no backbone: ""
+        backbones.add(allocation.backbone)
         config = allocation.to_lora_config()
-        assert set(config.target_modules) == {n for n, r in allocation.ranks.items() if r > 0}
+        expected = {n for n, r in allocation.relative_ranks().items() if r > 0}
+        assert set(config.target_modules) == expected
+        if allocation.backbone:
+            assert all(not n.startswith(allocation.backbone + ".") for n in expected)
+    assert "" in backbones, "the files written before the backbone was recorded must still load"
 
 
 @pytest.mark.real_model
