@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 
 import pytest
@@ -168,14 +169,18 @@ device = "cpu"
         return run_training(config, out, progress=False)
 
     first = run_bench(bench, runner)
-    assert first == {"ran": 4, "skipped": 0}
+    assert first == {"ran": 4, "skipped": 0, "busy": 0}
+    assert not list(bench.out.rglob("running.lock"))  # every lock released
     (bench.run_dir(bench.tasks[0], "senslora", 1) / "results.json").unlink()
+    (bench.run_dir(bench.tasks[0], "lora", 1) / "results.json").unlink()
+    # another live bench process holds lora / seed 1: left to it
+    (bench.run_dir(bench.tasks[0], "lora", 1) / "running.lock").write_text(str(os.getppid()))
     second = run_bench(bench, runner)
-    assert second == {"ran": 1, "skipped": 3}
+    assert second == {"ran": 1, "skipped": 2, "busy": 1}
     assert calls[-1] == ("senslora", 1)
     summary = json.loads((bench.out / "results.json").read_text())["main"]
     row = summary["table"]["senslora"][bench.tasks[0]]
-    assert row["n"] == 2 and row["diff_vs_lora"]["n"] == 2
+    assert row["n"] == 2 and row["diff_vs_lora"]["n"] == 1  # lora / seed 1 still running
     assert "Paired difference" in (bench.out / "results.md").read_text()
 
 

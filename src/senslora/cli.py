@@ -478,7 +478,8 @@ def bench(
             counts = run_bench(
                 bench_spec, lambda config, out: run_training(config, out, verbose=verbose)
             )
-            console.print(f"ran {counts['ran']} runs, {counts['skipped']} already finished")
+            busy = f", {counts['busy']} left to other bench processes" if counts["busy"] else ""
+            console.print(f"ran {counts['ran']} runs, {counts['skipped']} already finished{busy}")
     except USER_ERRORS as error:
         fail(str(error))
     console.print((bench_spec.out / "results.md").read_text())

@@ -16,6 +16,15 @@ A spec::
     [overrides."glue:sst2"]    # per-task TrainConfig fields
     train_limit = 4000
 
+    [rows.senslora-filtered]   # a named row: a method with its own TrainConfig fields
+    method = "senslora"        # listed in ``methods`` by its row name
+    outlier_factor = 10.0
+
+    metric = "nll"             # the table's metric (default: the task's main metric)
+
+With ``eval_at_start = true`` the step-0 evaluation of the first reference (for LoRA-family
+methods, B = 0: the untuned model) becomes an extra ``untuned`` row.
+
 Each run lives in ``out/<task>/<method>/seed<k>/results.json``; a run with that file is finished
 and never re-run, so an interrupted grid resumes where it stopped.
 """
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 import tomllib
 from collections.abc import Callable, Iterable
@@ -45,7 +55,12 @@ SPEC_KEYS = {
     "overrides",
     "selection",
     "references",
+    "rows",
+    "metric",
 }
+LOWER_IS_BETTER = {"nll", "perplexity", "mse"}
+"""Metrics where smaller is better; every other metric is reported in percent, higher better."""
+UNTUNED = "untuned"
 
 
 @dataclass(frozen=True)
@@ -60,13 +75,21 @@ class BenchSpec:
     """Which epoch the main table reports: 'last' (no selection on dev) or 'best'."""
     references: tuple[str, ...] = ("lora",)
     """Every other method is compared with each of these, seed by seed (paired)."""
+    rows: dict[str, dict[str, Any]] | None = None
+    """Named rows: ``{row name: {"method": ..., **TrainConfig fields}}``."""
+    metric: str | None = None
+    """The tables' metric; None: each task's main metric."""
 
     def run_dir(self, task: str, method: str, seed: int) -> Path:
         return self.out / task.replace(":", "-").replace("/", "_") / method / f"seed{seed}"
 
     def config(self, task: str, method: str, seed: int) -> TrainConfig:
+        """The TrainConfig of one run; ``method`` is a method or a row name."""
+        row = dict((self.rows or {}).get(method, {"method": method}))
         return TrainConfig(
-            method=method, task=task, seed=seed, **{**self.defaults, **self.overrides.get(task, {})}
+            task=task,
+            seed=seed,
+            **{**self.defaults, **self.overrides.get(task, {}), **row},
         )
 
     def runs(self) -> Iterable[tuple[str, str, int]]:
@@ -95,10 +118,19 @@ def load_spec(path: str | Path) -> BenchSpec:
     known = {f.name for f in fields(TrainConfig)} - {"method", "task", "seed"}
     defaults = dict(data.get("defaults", {}))
     overrides = {k: dict(v) for k, v in data.get("overrides", {}).items()}
+    rows = {k: dict(v) for k, v in data.get("rows", {}).items()}
     for where, values in [("defaults", defaults), *overrides.items()]:
         bad = set(values) - known
         if bad:
             raise ValueError(f"{path}: [{where}] has unknown fields {sorted(bad)}")
+    for name, values in rows.items():
+        if "method" not in values:
+            raise ValueError(f"{path}: [rows.{name}] needs a 'method', e.g. method = \"senslora\"")
+        bad = set(values) - known - {"method"}
+        if bad:
+            raise ValueError(f"{path}: [rows.{name}] has unknown fields {sorted(bad)}")
+    if UNTUNED in data["methods"] or UNTUNED in rows:
+        raise ValueError(f"{path}: {UNTUNED!r} is the name of the step-0 row; rename that row")
     for key in ("glue_dir",):
         if defaults.get(key):
             defaults[key] = str((path.parent / defaults[key]).resolve())
@@ -111,10 +143,16 @@ def load_spec(path: str | Path) -> BenchSpec:
         overrides=overrides,
         selection=data.get("selection", "last"),
         references=tuple(data.get("references", [m for m in ("lora",) if m in data["methods"]])),
+        rows=rows,
+        metric=data.get("metric"),
     )
     missing = [r for r in spec.references if r not in spec.methods]
     if missing:
         raise ValueError(f"{path}: references {missing} are not among the methods {spec.methods}")
+    if spec.metric is not None and not isinstance(spec.metric, str):
+        raise ValueError(
+            f'{path}: metric must be a metric\'s name, e.g. "nll", got {spec.metric!r}'
+        )
     if spec.selection not in ("last", "best"):
         raise ValueError(f"selection must be 'last' or 'best', got {spec.selection!r}")
     for task, method, seed in spec.runs():
@@ -122,35 +160,104 @@ def load_spec(path: str | Path) -> BenchSpec:
     return spec
 
 
+LOCK = "running.lock"
+
+
+def claim(run_dir: Path) -> bool:
+    """Take ``run_dir`` for this process: create its lock file (holding the pid) atomically.
+    False when another live process on this machine holds it; a lock left by a process that
+    has died is taken over. Several ``senslora bench`` processes can so share one grid."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / LOCK
+    for _ in range(2):
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _alive(pid):
+                return False
+            lock.unlink(missing_ok=True)  # its process died: take over
+            continue
+        with os.fdopen(handle, "w") as file:
+            file.write(str(os.getpid()))
+        return True
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def run_bench(spec: BenchSpec, runner: Callable[[TrainConfig, Path], Any]) -> dict[str, int]:
-    """Run every unfinished run with ``runner(config, out_dir)``, then aggregate."""
-    done = skipped = 0
+    """Run every unfinished run with ``runner(config, out_dir)``, then aggregate. A run that
+    another ``senslora bench`` process is running (see `claim`) is left to it."""
+    done = skipped = busy = 0
     for task, method, seed in spec.runs():
         run_dir = spec.run_dir(task, method, seed)
         if (run_dir / "results.json").exists():
             skipped += 1
             continue
-        logger.info("run %s / %s / seed %d", task, method, seed)
-        runner(spec.config(task, method, seed), run_dir)
+        if not claim(run_dir):
+            busy += 1
+            continue
+        try:
+            if (run_dir / "results.json").exists():  # finished while we looked
+                skipped += 1
+                continue
+            logger.info("run %s / %s / seed %d", task, method, seed)
+            runner(spec.config(task, method, seed), run_dir)
+        finally:
+            (run_dir / LOCK).unlink(missing_ok=True)
         done += 1
         write_summary(spec)
     write_summary(spec)
-    return {"ran": done, "skipped": skipped}
+    return {"ran": done, "skipped": skipped, "busy": busy}
 
 
 def collect_results(spec: BenchSpec) -> list[dict[str, Any]]:
+    """Every finished run's results, each with ``row``: its row name in the spec."""
     results = []
     for task, method, seed in spec.runs():
         path = spec.run_dir(task, method, seed) / "results.json"
         if path.exists():
-            results.append(json.loads(path.read_text()))
+            results.append({**json.loads(path.read_text()), "row": method})
     return results
 
 
-def score(result: dict[str, Any], selection: str) -> float:
-    """The main dev metric of a run, in percent, at its last or best epoch."""
-    row = result[selection]
-    return 100.0 * float(row[result["main_metric"]])
+def score(result: dict[str, Any], selection: str, metric: str | None = None) -> float:
+    """A dev metric of a run at its last or best epoch (``selection``; ``"start"``: the step-0
+    evaluation): the task's main metric unless ``metric`` names another, in percent unless it
+    is a loss (`LOWER_IS_BETTER`)."""
+    metric = metric or result["main_metric"]
+    if selection == "start":
+        row = result["evals"][0]
+        if row.get("step") != 0:
+            raise ValueError("the run has no step-0 evaluation (eval_at_start = false)")
+    else:
+        row = result[selection]
+    if metric not in row:
+        have = sorted(set(row) - {"step", "epoch"})
+        raise ValueError(f"the run's evaluations have no {metric!r}; they have {have}")
+    value = float(row[metric])
+    return value if metric in LOWER_IS_BETTER else 100.0 * value
+
+
+def untuned_results(results: list[dict[str, Any]], reference: str) -> list[dict[str, Any]]:
+    """The step-0 evaluations of the reference's runs, as runs of an ``untuned`` row."""
+    return [
+        {**r, "row": UNTUNED, "last": r["evals"][0], "best": r["evals"][0]}
+        for r in results
+        if r["row"] == reference and r.get("evals") and r["evals"][0].get("step") == 0
+    ]
 
 
 def adapter_parameters(result: dict[str, Any]) -> int:
@@ -161,25 +268,38 @@ def adapter_parameters(result: dict[str, Any]) -> int:
 
 
 def aggregate(
-    results: list[dict[str, Any]], methods, tasks, selection="last", references=("lora",)
+    results: list[dict[str, Any]],
+    methods,
+    tasks,
+    selection="last",
+    references=("lora",),
+    metric: str | None = None,
 ) -> dict[str, Any]:
-    """Mean ± std over seeds per method and task, the average over tasks, and each method's
-    paired (same seed) difference to each reference: mean, 95% interval, paired t-test p (and
-    Holm-corrected over the tasks), seeds won (`senslora.finetune.paired`)."""
-    by = {(r["method"], r["task"], r["config"]["seed"]): r for r in results}
+    """Mean ± std over seeds per method (row) and task, the average over tasks, and each
+    method's paired (same seed) difference to each reference: mean, 95% interval, paired t-test
+    p (and Holm-corrected over the tasks), seeds won (`senslora.finetune.paired`). A result's
+    ``row`` (default: its method) names its row. ``metric``: see `score`; "won" means lower for
+    a loss. An ``untuned`` row comes first when the first reference has step-0 evaluations."""
+    results = [{**r, "row": r.get("row", r["method"])} for r in results]
+    untuned = untuned_results(results, references[0]) if references else []
+    if untuned:
+        methods = [UNTUNED, *methods]
+        results = untuned + results
+    by = {(r["row"], r["task"], r["config"]["seed"]): r for r in results}
+    lower = metric in LOWER_IS_BETTER
     table: dict[str, dict[str, Any]] = {}
     for method in methods:
         row: dict[str, Any] = {}
         for task in tasks:
             runs = [r for (m, t, _), r in by.items() if m == method and t == task]
-            row[task] = _summary([score(r, selection) for r in runs])
+            row[task] = _summary([score(r, selection, metric) for r in runs])
             counts = sorted(adapter_parameters(r) for r in runs)
             row[task]["params"] = adapter_parameters(runs[0]) if runs else None
             # the allocation, hence the count, may differ with the seed's calibration sample
             row[task]["params_range"] = [counts[0], counts[-1]] if runs else None
         for reference in references:
             if method != reference:
-                _compare(row, by, method, reference, tasks, selection)
+                _compare(row, by, method, reference, tasks, selection, metric)
         complete = [row[t]["mean"] for t in tasks if row[t]["n"]]
         row["average"] = {
             "mean": statistics.fmean(complete) if len(complete) == len(tasks) else None,
@@ -188,6 +308,8 @@ def aggregate(
         table[method] = row
     return {
         "selection": selection,
+        "metric": metric or "main",
+        "lower_is_better": lower,
         "methods": list(methods),
         "tasks": list(tasks),
         "references": list(references),
@@ -195,16 +317,20 @@ def aggregate(
     }
 
 
-def _compare(row: dict, by: dict, method: str, reference: str, tasks, selection: str) -> None:
+def _compare(
+    row: dict, by: dict, method: str, reference: str, tasks, selection: str, metric=None
+) -> None:
     """``row[task]["diff_vs_<reference>"]`` for every task, Holm-corrected over the tasks."""
     key = f"diff_vs_{reference}"
     for task in tasks:
         diffs = [
-            score(r, selection) - score(by[(reference, task, s)], selection)
+            score(r, selection, metric) - score(by[(reference, task, s)], selection, metric)
             for (m, t, s), r in sorted(by.items(), key=lambda item: item[0][2])
             if m == method and t == task and (reference, task, s) in by
         ]
-        row[task][key] = paired_summary(diffs)
+        row[task][key] = paired_summary(
+            diffs, better="lower" if metric in LOWER_IS_BETTER else "higher"
+        )
     adjusted = holm({task: row[task][key]["p"] for task in tasks})
     for task in tasks:
         row[task][key]["p_holm"] = adjusted[task]
@@ -220,8 +346,12 @@ def _summary(values: list[float]) -> dict[str, Any]:
 def render_markdown(summary: dict[str, Any]) -> str:
     tasks, table = summary["tasks"], summary["table"]
     head = "| method | " + " | ".join(tasks) + " | Avg. | adapter params |"
+    metric = summary.get("metric", "main")
+    name = "the main dev metric" if metric == "main" else f"dev {metric}"
+    direction = "lower is better" if summary.get("lower_is_better") else "higher is better"
     lines = [
-        f"Dev metric ({summary['selection']} epoch), mean ± std over seeds (n = seeds).",
+        f"{name[0].upper() + name[1:]} ({summary['selection']} epoch; {direction}), "
+        "mean ± std over seeds (n = seeds).",
         "",
         head,
         "|" + "---|" * (len(tasks) + 3),
@@ -246,13 +376,15 @@ def _paired_lines(summary: dict[str, Any], reference: str) -> list[str]:
     lines = [
         "",
         f"Paired difference to `{reference}` (same seed): mean [95% interval], paired t-test p "
-        "Holm-corrected over the tasks, seeds won / n:",
+        "Holm-corrected over the tasks, seeds won / n"
+        + (" (won: lower)" if summary.get("lower_is_better") else "")
+        + ":",
         "",
         "| method | " + " | ".join(tasks) + " |",
         "|" + "---|" * (len(tasks) + 1),
     ]
     for method, row in table.items():
-        if method != reference:
+        if method not in (reference, UNTUNED):
             cells = [_paired_cell(row[t].get(f"diff_vs_{reference}", {"n": 0})) for t in tasks]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines
@@ -289,7 +421,7 @@ def _cell(stats: dict[str, Any], signed: bool = False) -> str:
 def write_summary(spec: BenchSpec) -> dict[str, Any]:
     results = collect_results(spec)
     summaries = {
-        sel: aggregate(results, spec.methods, spec.tasks, sel, spec.references)
+        sel: aggregate(results, spec.methods, spec.tasks, sel, spec.references, spec.metric)
         for sel in ("last", "best")
     }
     primary = summaries[spec.selection]

@@ -9,20 +9,23 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 
-def paired_summary(differences: Sequence[float]) -> dict[str, Any]:
+def paired_summary(differences: Sequence[float], better: str = "higher") -> dict[str, Any]:
     """``differences`` (method − reference, one per seed, same seed on both sides) ->
     n, mean, std, the 95% t-interval of the mean (``ci95`` = [low, high]), the two-sided
     p-value of the paired t-test (the one-sample t-test of the differences against 0), and
-    ``wins``: how many differences are > 0. With one difference the interval and p are None;
+    ``wins``: how many differences are > 0 (< 0 with ``better="lower"``, for a loss). With one
+    difference the interval and p are None;
     with differences that are all equal p is 1.0 when they are 0, else 0.0."""
     from scipy import stats
 
+    if better not in ("higher", "lower"):
+        raise ValueError(f"better must be 'higher' or 'lower', got {better!r}")
     values = [float(d) for d in differences]
     n = len(values)
     if n == 0:
         return {"n": 0, "mean": None, "std": None, "ci95": None, "p": None, "wins": 0}
     mean = statistics.fmean(values)
-    wins = sum(d > 0 for d in values)
+    wins = sum(d > 0 if better == "higher" else d < 0 for d in values)
     if n == 1:
         return {"n": 1, "mean": mean, "std": 0.0, "ci95": None, "p": None, "wins": wins}
     std = statistics.stdev(values)

@@ -1,0 +1,153 @@
+"""Bench specs with named rows and a chosen metric, and the tables built from them: rows carry
+their own TrainConfig fields, a loss is won by going lower, and the step-0 evaluation of the
+reference becomes the `untuned` row."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from senslora.finetune.grid import aggregate, load_spec, render_markdown
+from senslora.finetune.paired import paired_summary
+
+SPEC = """
+out = "grid"
+methods = ["lora", "senslora", "senslora-filtered"]
+tasks = ["glue:rte"]
+seeds = [0, 1, 2]
+metric = "nll"
+[rows.lora]
+method = "lora"
+eval_at_start = true
+[rows.senslora-filtered]
+method = "senslora"
+outlier_factor = 10.0
+[defaults]
+avg_rank = 2
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "spec.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_row_is_a_method_with_its_own_fields(tmp_path):
+    spec = load_spec(write(tmp_path, SPEC))
+    filtered = spec.config("glue:rte", "senslora-filtered", 1)
+    plain = spec.config("glue:rte", "senslora", 1)
+    assert (filtered.method, filtered.outlier_factor, filtered.avg_rank) == ("senslora", 10.0, 2)
+    assert (plain.method, plain.outlier_factor) == ("senslora", None)
+    assert spec.config("glue:rte", "lora", 0).eval_at_start
+    assert not plain.eval_at_start
+    assert spec.run_dir("glue:rte", "senslora-filtered", 1).parts[-2:] == (
+        "senslora-filtered",
+        "seed1",
+    )
+    assert spec.metric == "nll"
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.replace('method = "senslora"\n', ""), r"\[rows.senslora-filtered\] needs"),
+        (
+            lambda t: t.replace("outlier_factor", "outlier"),
+            r"\[rows.senslora-filtered\] has unknown",
+        ),
+        (lambda t: t.replace('"senslora-filtered"]', '"untuned"]'), "'untuned' is the name of"),
+        (lambda t: t.replace('metric = "nll"', "metric = 3"), "metric must be a metric's name"),
+        (lambda t: t.replace('method = "senslora"\n', 'method = "sens"\n'), "method must be one"),
+    ],
+    ids=["row-without-method", "row-unknown-field", "reserved-name", "metric-type", "bad-method"],
+)
+def test_row_errors(tmp_path, edit, message):
+    with pytest.raises(ValueError, match=message):
+        load_spec(write(tmp_path, edit(SPEC)))
+
+
+def run(row, seed, nll, rouge, start=None):
+    evals = [{"step": 10, "nll": nll, "rougeL": rouge}]
+    if start is not None:
+        evals.insert(0, {"step": 0, "nll": start, "rougeL": 0.1})
+    final = {"nll": nll, "rougeL": rouge}
+    return {
+        "row": row,
+        "method": "senslora" if row.startswith("senslora") else "lora",
+        "task": "t",
+        "main_metric": "rougeL",
+        "config": {"seed": seed},
+        "parameters": {"lora": 100},
+        "evals": evals,
+        "last": final,
+        "best": final,
+    }
+
+
+RESULTS = [
+    run("lora", 0, 3.0, 0.20, start=4.8),
+    run("lora", 1, 3.1, 0.21, start=4.8),
+    run("lora", 2, 3.2, 0.19, start=4.8),
+    run("senslora-filtered", 0, 2.9, 0.18),
+    run("senslora-filtered", 1, 3.0, 0.19),
+    run("senslora-filtered", 2, 3.3, 0.22),
+]
+
+
+def test_a_loss_table_is_won_by_going_lower_and_has_the_untuned_row():
+    summary = aggregate(RESULTS, ["lora", "senslora-filtered"], ["t"], metric="nll")
+    assert summary["methods"] == ["untuned", "lora", "senslora-filtered"]
+    assert summary["lower_is_better"]
+    table = summary["table"]
+    assert table["untuned"]["t"]["n"] == 3 and table["untuned"]["t"]["mean"] == pytest.approx(4.8)
+    assert table["lora"]["t"]["mean"] == pytest.approx(3.1)  # a loss: not in percent
+    diff = table["senslora-filtered"]["t"]["diff_vs_lora"]
+    assert diff["mean"] == pytest.approx((-0.1 - 0.1 + 0.1) / 3)
+    assert diff["wins"] == 2  # seeds 0 and 1 have the lower loss
+    text = render_markdown(summary)
+    assert "lower is better" in text and "(won: lower)" in text
+    assert "| untuned | 4.80 ± 0.00 (3)" in text
+
+
+def test_the_main_metric_stays_the_default_and_is_won_by_going_higher():
+    summary = aggregate(RESULTS, ["lora", "senslora-filtered"], ["t"])
+    table = summary["table"]
+    assert not summary["lower_is_better"]
+    assert table["lora"]["t"]["mean"] == pytest.approx(20.0)  # percent
+    assert table["untuned"]["t"]["mean"] == pytest.approx(10.0)
+    assert table["senslora-filtered"]["t"]["diff_vs_lora"]["wins"] == 1  # seed 2 only
+
+
+def test_a_missing_metric_names_what_the_runs_have():
+    with pytest.raises(ValueError, match=r"no 'bleu4'; they have \['nll', 'rougeL'\]"):
+        aggregate(RESULTS, ["lora"], ["t"], metric="bleu4")
+
+
+def test_paired_summary_counts_wins_in_the_chosen_direction():
+    assert paired_summary([-1.0, 2.0, -3.0])["wins"] == 1
+    assert paired_summary([-1.0, 2.0, -3.0], better="lower")["wins"] == 2
+    with pytest.raises(ValueError, match="better must be 'higher' or 'lower', got 'up'"):
+        paired_summary([1.0], better="up")
+
+
+def test_a_run_is_claimed_once_and_a_dead_claim_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    from senslora.finetune.grid import LOCK, claim
+
+    run_dir = tmp_path / "task" / "lora" / "seed0"
+    assert claim(run_dir)
+    assert (run_dir / LOCK).read_text() == str(os.getpid())
+    assert not claim(run_dir)  # held by a live process (this one)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (run_dir / LOCK).write_text(dead.stdout.strip())  # that process has exited
+    assert claim(run_dir)
+    assert (run_dir / LOCK).read_text() == str(os.getpid())
