@@ -75,7 +75,7 @@ def allocation_fn(
     ``phases`` (a list) receives (statistics seconds, metrics + ranks seconds) of every call.
     ``stop_early=False`` or a ``flush_bytes`` departs from the defaults of the activation
     estimator (see `collect_activation_statistics`)."""
-    config = senslora.AllocationConfig(avg_rank=AVG_RANK)
+    config = senslora.AllocationConfig(avg_rank=AVG_RANK, budget="rank")  # as committed
 
     def run(batches):
         start = time.perf_counter()

@@ -158,7 +158,7 @@ OPTIONS = {
 
 def allocations(model, batches) -> dict:
     """The allocation of every option, compared with the default one."""
-    config = AllocationConfig(avg_rank=AVG_RANK)
+    config = AllocationConfig(avg_rank=AVG_RANK, budget="rank")  # as the committed JSON
     out, default = {}, None
     for label, options in OPTIONS.items():
         start = time.perf_counter()

@@ -123,7 +123,7 @@ def measure(name: str, args, sequences: int, length: int) -> dict:
             batches,
         )
         ops[reduction] = {k: v / (len(batches) - 1) for k, v in extra.most_common()}
-    config = senslora.AllocationConfig(avg_rank=4)
+    config = senslora.AllocationConfig(avg_rank=4, budget="rank")  # as committed
     metrics, _ = count(lambda: senslora.allocate_ranks(statistics, config))
     return {
         "model": name,

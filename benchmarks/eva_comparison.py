@@ -112,7 +112,8 @@ def run_senslora(model, names, batches, args):
     stats = senslora.collect_statistics(
         model, batches, targets=names, autocast_dtype=args.autocast_dtype
     )
-    return senslora.allocate_ranks(stats, senslora.AllocationConfig(avg_rank=AVG_RANK))
+    config = senslora.AllocationConfig(avg_rank=AVG_RANK, budget="rank")  # EVA: a rank budget
+    return senslora.allocate_ranks(stats, config)
 
 
 def bench_model(name: str, args) -> dict:

@@ -73,7 +73,8 @@ def allocate(model, args, last: dict | None = None, key=None):
         stats = senslora.collect_statistics(model, batches, autocast_dtype=args.autocast_dtype)
         if last is not None:
             last[key] = stats
-        return senslora.allocate_ranks(stats, senslora.AllocationConfig(avg_rank=AVG_RANK))
+        config = senslora.AllocationConfig(avg_rank=AVG_RANK, budget="rank")  # as committed
+        return senslora.allocate_ranks(stats, config)
 
     return run
 

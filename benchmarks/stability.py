@@ -175,7 +175,7 @@ def run_model(name: str) -> dict:
         # never a target; without this, the first batch of every per-batch call would compute
         # the 49k-word vocabulary head of SmolLM2 (collect_statistics stops early after that)
         model.lm_head = nn.Identity()
-    config = AllocationConfig(avg_rank=settings["avg_rank"])
+    config = AllocationConfig(avg_rank=settings["avg_rank"], budget="rank")  # as committed
     references, pools, corpora = {}, {}, {}
     for corpus, (source, text_field) in CORPORA.items():
         logger.info("%s: calibrating on %s", name, corpus)

@@ -96,7 +96,9 @@ def allocations(model, tokenizer, names, args) -> dict[str, senslora.Allocation]
         model, batches, targets=names, autocast_dtype=args.autocast_dtype
     )
     return {
-        "senslora": senslora.allocate_ranks(stats, senslora.AllocationConfig(avg_rank=AVG_RANK)),
+        "senslora": senslora.allocate_ranks(
+            stats, senslora.AllocationConfig(avg_rank=AVG_RANK, budget="rank")
+        ),
         "senslora_params": senslora.allocate_ranks(
             stats, senslora.AllocationConfig(avg_rank=AVG_RANK, budget="parameters")
         ),

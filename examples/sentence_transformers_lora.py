@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
         "backbone": allocation.backbone,
         "ranks": allocation.relative_ranks(),
         "train_loss": result.training_loss,
+        "adapter_parameters": allocation.num_parameters,
+        "uniform_parameters": allocation.uniform_parameters(),
         "embedding_dim": int(embeddings.shape[-1]),
     }
 

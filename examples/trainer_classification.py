@@ -69,7 +69,15 @@ def main(argv: list[str] | None = None) -> dict:
             data_collator=collator,
         )
         result = trainer.train()
-    return {"ranks": injected_ranks(peft_model), "train_loss": result.training_loss}
+    ranks = injected_ranks(peft_model)
+    layers = dict(peft_model.get_base_model().named_modules())
+    sizes = {name: layers[name].in_features + layers[name].out_features for name in ranks}
+    return {
+        "ranks": ranks,
+        "train_loss": result.training_loss,
+        "adapter_parameters": sum(r * sizes[name] for name, r in ranks.items()),
+        "uniform_parameters": sum(args.avg_rank * size for size in sizes.values()),
+    }
 
 
 if __name__ == "__main__":

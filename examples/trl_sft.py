@@ -84,7 +84,12 @@ def main(argv: list[str] | None = None) -> dict:
         )
         result = trainer.train()
     senslora.verify_ranks(trainer.model, allocation)
-    return {"ranks": allocation.relative_ranks(), "train_loss": result.training_loss}
+    return {
+        "ranks": allocation.relative_ranks(),
+        "train_loss": result.training_loss,
+        "adapter_parameters": allocation.num_parameters,
+        "uniform_parameters": allocation.uniform_parameters(),
+    }
 
 
 if __name__ == "__main__":

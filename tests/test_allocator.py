@@ -129,7 +129,7 @@ def test_infeasible_budgets_are_clear_errors(bert_stats):
     with pytest.raises(ValueError, match="min_rank must not exceed avg_rank"):
         AllocationConfig(avg_rank=2, min_rank=3)
     with pytest.raises(ValueError, match="cannot be met"):
-        allocate_ranks(bert_stats, AllocationConfig(avg_rank=20, max_rank=20))
+        allocate_ranks(bert_stats, AllocationConfig(avg_rank=20, max_rank=20, budget="rank"))
 
 
 def test_same_statistics_give_the_same_allocation(bert_stats):

@@ -155,8 +155,8 @@ def test_invalid_allocation_settings(model_dir, calib, tmp_path, config, cli, me
 def test_rank_budget_that_the_matrices_cannot_hold(model_dir, calib, tmp_path):
     stats = collect_statistics(tiny_bert(), token_batches())  # 12 matrices, ranks <= 16
     with pytest.raises(ValueError, match=r"rank budget 1200 \(avg_rank 100 x 12 matrices\)"):
-        allocate_ranks(stats, AllocationConfig(avg_rank=100))
-    result = allocate(model_dir, calib, tmp_path / "out", "--avg-rank", 100)
+        allocate_ranks(stats, AllocationConfig(avg_rank=100, budget="rank"))
+    result = allocate(model_dir, calib, tmp_path / "out", "--avg-rank", 100, "--budget", "rank")
     assert_user_error(result, "rank budget 1200", "cannot be met")
     assert_no_outputs(tmp_path / "out")
 

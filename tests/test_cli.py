@@ -153,6 +153,8 @@ def test_allocate_on_the_real_minilm_and_wikipedia(tmp_path):
     assert result.exit_code == 0, result.output
     allocation = senslora.load_allocation(tmp_path)
     assert len(allocation.ranks) == 36
-    assert allocation.total_rank == 4 * 36
+    assert allocation.config.budget == "parameters"  # the default (the paper's A.2)
+    assert 0.95 * allocation.uniform_parameters() <= allocation.num_parameters
+    assert allocation.num_parameters <= allocation.uniform_parameters()
     assert allocation.provenance["calibration"] == "wikipedia"
     assert len(set(allocation.ranks.values())) > 2

@@ -69,15 +69,16 @@ def test_two_process_training_saves_a_reloadable_adapter(folders, tmp_path):  # 
     results = json.loads((out / "results.json").read_text())
     allocation = load_allocation(out / "allocation.json")
     assert results["ranks"] == allocation.ranks
-    assert sum(allocation.ranks.values()) == 2 * len(allocation.ranks)
+    assert allocation.num_parameters <= allocation.uniform_parameters()  # the default budget
+    assert results["head_pooling"] != "model"  # the default: a head on the model's pooling
 
-    from transformers import AutoModelForSequenceClassification
+    from senslora.finetune.heads import load_classifier
 
     batch = torch.tensor([[101, 2000, 2001, 102]])
     with torch.no_grad():
-        untrained = AutoModelForSequenceClassification.from_pretrained(folders / "bert")
+        untrained = load_classifier(str(folders / "bert"), 2, pooling=results["head_pooling"])
         untrained_logits = untrained.eval()(input_ids=batch).logits
-    base = AutoModelForSequenceClassification.from_pretrained(folders / "bert")
+    base = load_classifier(str(folders / "bert"), 2, pooling=results["head_pooling"])
     model = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
     ranks = {
         n: m.r["default"]

@@ -24,10 +24,12 @@ def run_example(name: str, *argv: str) -> dict:
 
 
 def check(result: dict, avg_rank: int) -> None:
+    """Per-module ranks within uniform LoRA's parameter count (the default budget), close to it."""
     ranks = result["ranks"]
     assert math.isfinite(result["train_loss"])
     assert len(set(ranks.values())) > 1, "expected per-module ranks, got uniform ones"
-    assert sum(ranks.values()) == avg_rank * len(ranks)  # the uniform LoRA budget
+    uniform = result["uniform_parameters"]
+    assert 0.9 * uniform <= result["adapter_parameters"] <= uniform
 
 
 @pytest.mark.real_model

@@ -106,14 +106,11 @@ def test_allocation_is_valid_or_the_expected_error(stats, config):
     assert again.ranks == allocation.ranks
 
 
-def test_pra_refuses_a_parameter_budget():
-    stats = {
-        "m": ModuleStats("m", LayerShape(4, 4, False), "activation", column_values=torch.ones(4))
-    }
-    stats["m"].num_tokens = 1
-    config = AllocationConfig(avg_rank=2, scheme="pra", budget="parameters")
-    with pytest.raises(ValueError, match="PRA scheme supports budget='rank' only"):
-        allocate_ranks(stats, config)
+def test_pra_refuses_a_parameter_budget_and_defaults_to_the_rank_budget():
+    with pytest.raises(ValueError, match="PRA scheme places ranks on levels .* got budget='param"):
+        AllocationConfig(avg_rank=2, scheme="pra", budget="parameters")
+    assert AllocationConfig(scheme="pra").budget == "rank"
+    assert AllocationConfig().budget == "parameters"  # SRA: the paper's A.2 comparison rule
 
 
 # ---------------------------------------------------------------------------------------

@@ -151,3 +151,14 @@ def test_a_run_is_claimed_once_and_a_dead_claim_is_taken_over(tmp_path):
     (run_dir / LOCK).write_text(dead.stdout.strip())  # that process has exited
     assert claim(run_dir)
     assert (run_dir / LOCK).read_text() == str(os.getpid())
+
+
+def test_the_table_shows_a_pruned_adapter_s_saved_size_beside_its_trained_size():
+    pruned = [
+        {**run("lora", seed, 3.0, 0.2), "parameters": {"lora": 249048, "final_lora": saved}}
+        for seed, saved in ((0, 139392), (1, 154368))
+    ]
+    text = render_markdown(aggregate(pruned, ["lora"], ["t"]))
+    assert "| 249,048 (saves 139,392–154,368) |" in text
+    plain = render_markdown(aggregate(RESULTS, ["lora"], ["t"]))
+    assert "| 100 |" in plain and "saves" not in plain

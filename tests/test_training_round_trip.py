@@ -13,8 +13,8 @@ from conftest import save_tiny_bert_with_minilm_tokenizer
 from transformers import AutoTokenizer
 
 from senslora.finetune.config import TrainConfig
+from senslora.finetune.heads import load_classifier
 from senslora.finetune.training import run_training
-from senslora.models import load_model
 
 WORDS = ["film", "story", "actor", "scene", "plot", "music", "ending", "cast"]
 SENTENCES = ["great film story", "awful plot cast music"]
@@ -73,7 +73,8 @@ def trained(bert_and_task, tmp_path_factory):
 
 
 def reloaded_model(root, adapter):
-    base = load_model(str(root / "bert"), task="sequence-classification", device="cpu")
+    """The default head (pooling "auto") on a fresh backbone, then the saved adapter and head."""
+    base = load_classifier(str(root / "bert"), 2)
     return peft.PeftModel.from_pretrained(base, adapter).eval()
 
 
@@ -97,8 +98,7 @@ def test_trained_seq_cls_adapter_reloads_with_its_logits(bert_and_task, trained)
     assert ranks == {n.removeprefix(prefix): r for n, r in allocation["ranks"].items() if r > 0}
 
     tokenizer = AutoTokenizer.from_pretrained(root / "bert")
-    base = load_model(str(root / "bert"), task="sequence-classification", device="cpu")
-    untrained = predict(base, tokenizer, SENTENCES)
+    untrained = predict(load_classifier(str(root / "bert"), 2), tokenizer, SENTENCES)
     reloaded = reloaded_model(root, adapter)
     logits = predict(reloaded, tokenizer, SENTENCES)
     assert not torch.allclose(logits, untrained, atol=1e-4)  # training changed something

@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from senslora import config as allocation_config
+from senslora.config import SCORES
 from senslora.finetune.config import TrainConfig, default_of, help_of
 
 app = typer.Typer(
@@ -23,6 +25,11 @@ if not console.is_terminal:  # logs and CI: wide enough for the rank table
     console = Console(width=140)
 USER_ERRORS = (OSError, ValueError, ImportError)  # OSError: missing files, full disks, ...
 OUTPUT_NAMES = ("adapter_config.json", "allocation.json", "ranks.png")
+
+
+def _allocation_option(name: str, help: str):
+    """A `senslora allocate` option whose default is AllocationConfig's (declared there once)."""
+    return typer.Option(allocation_config.default_of(name), help=help)
 
 
 def fail(message: str) -> None:
@@ -65,30 +72,43 @@ def allocate(
     out: Path = typer.Option(
         ..., help="Output folder for allocation.json, adapter_config.json and ranks.png."
     ),
-    avg_rank: int = typer.Option(4, help="Average LoRA rank per matrix (the uniform-LoRA r)."),
+    avg_rank: int = _allocation_option(
+        "avg_rank", help="Average LoRA rank per matrix (the uniform-LoRA r)."
+    ),
     estimator: str = typer.Option(
         "activation",
         help="activation (GPTQ 2XX^T, forward only) | fisher | hutchinson "
         "(need a causal LM: next-token loss).",
     ),
-    scheme: str = typer.Option("sra", help="sra (proportional, eq. 15) | pra (progressive)."),
+    scheme: str = _allocation_option(
+        "scheme", help="sra (proportional, eq. 15) | pra (progressive)."
+    ),
     targets: str = typer.Option(
         "all-linear", help="all-linear, a comma-separated list of module names, or a regex."
     ),
-    budget: str = typer.Option("rank", help="rank (sum of ranks) | parameters (trainable params)."),
-    score: str = typer.Option(
-        "combined", help="combined | global | local | topk | effective_rank."
+    budget: str = _allocation_option(
+        "budget",
+        help="parameters (at most uniform LoRA r's trainable parameters: the paper's rule for "
+        "comparing methods, A.2; the default) | rank (the ranks sum to uniform LoRA's; the "
+        "default of --scheme pra).",
     ),
-    weighting: str = typer.Option("std", help="Metric weights: std (sigma/mu^2) | equal (0.5/mu)."),
-    top_k_fraction: float = typer.Option(0.5, help="k of the Top-k metric as a share of N."),
-    effective_rank_threshold: float = typer.Option(0.85, help="alpha of the effective rank."),
-    spectrum: str = typer.Option(
-        "diagonal",
+    score: str = _allocation_option("score", help=" | ".join(SCORES) + "."),
+    weighting: str = _allocation_option(
+        "weighting", help="Metric weights: std (sigma/mu^2) | equal (0.5/mu)."
+    ),
+    top_k_fraction: float = _allocation_option(
+        "top_k_fraction", help="k of the Top-k metric as a share of N."
+    ),
+    effective_rank_threshold: float = _allocation_option(
+        "effective_rank_threshold", help="alpha of the effective rank."
+    ),
+    spectrum: str = _allocation_option(
+        "spectrum",
         help="Effective rank over the Hessian 'diagonal' or the 'eigenvalues' of "
         "2XX^T (activation only; O(d_in^2) memory per module).",
     ),
-    curvature: str = typer.Option(
-        "hessian",
+    curvature: str = _allocation_option(
+        "curvature",
         help="What the metrics read per weight: hessian (the diagonal h_qq, eqs. 6-10) | inverse "
         "(1/[(H + lambda I)^-1]_qq, Section 4.6; activation only; O(d_in^2) memory per module).",
     ),
@@ -102,8 +122,12 @@ def allocate(
         help="activation: leave out tokens whose layer-input norm exceeds this many times the "
         "batch median (massive activations; 10 is the documented choice).",
     ),
-    min_rank: int = typer.Option(1, help="Smallest rank; 0 lets a matrix go without adapter."),
-    max_rank: int = typer.Option(None, help="Largest rank (default: min(d_in, d_out))."),
+    min_rank: int = _allocation_option(
+        "min_rank", help="Smallest rank; 0 lets a matrix go without adapter."
+    ),
+    max_rank: int = _allocation_option(
+        "max_rank", help="Largest rank (default: min(d_in, d_out))."
+    ),
     lora_alpha: float = typer.Option(
         None,
         help="lora_alpha of uniform LoRA r=avg-rank (default 2 x avg-rank); each module "

@@ -55,7 +55,6 @@ exact cases: ``0.28 * 25`` is ``7.000000000000001`` in float64, so 25 unit entri
 8 entries to reach 28 % of their sum instead of 7."""
 
 
-
 def _as_float64(values: torch.Tensor | np.ndarray | Sequence[float]) -> np.ndarray:
     """Return ``values`` flattened as a float64 NumPy array on the CPU (a copy only when needed).
 

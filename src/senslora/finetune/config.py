@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from senslora.config import BUDGETS, check_choice, positive_int
+from senslora.config import default_of as allocation_default
 from senslora.estimators import ESTIMATORS
 from senslora.finetune.heads import POOLINGS
 from senslora.finetune.methods import METHODS
@@ -37,13 +38,14 @@ class TrainConfig:
         "glue:<cola|sst2|mrpc|qqp|stsb|mnli|qnli|rte|wnli>, rotten_tomatoes, csv:PATH, "
         "jsonl:PATH, gen:PATH or wikipedia_lead.",
     )
-    model: str | None = option(
-        None, "Model id, folder, or a built-in: minilm (default), smollm2."
-    )
+    model: str | None = option(None, "Model id, folder, or a built-in: minilm (default), smollm2.")
     glue_dir: str | None = option(
         None, "Folder in the glue_data layout (default: GLUE from the Hugging Face hub)."
     )
-    avg_rank: int = option(4, "Average rank per adapted matrix, the same for every method.")
+    avg_rank: int = option(
+        allocation_default("avg_rank"),
+        "Average rank per adapted matrix, the same for every method.",
+    )
     lora_alpha: float | None = option(
         None, "alpha of uniform LoRA (default 2 x avg-rank); other methods keep the same alpha/r."
     )
@@ -55,15 +57,15 @@ class TrainConfig:
         5e-4, "Peak learning rate of the adapters (AdamW, linear schedule)."
     )
     pooling: str = option(
-        "model",
+        "auto",
         "Classification head: 'model' (the model's own sequence-classification head; for BERT "
         "a linear layer on its [CLS] pooler), 'auto' (a linear head on the pooling the model was "
         "trained with: its sentence-transformers Pooling config, else its pooler, else mean), "
         "or one of " + ", ".join(POOLINGS) + ".",
     )
     head_learning_rate: float | None = option(
-        None,
-        "Learning rate of the freshly initialised head (default: the adapters' rate); "
+        5e-3,
+        "Learning rate of the freshly initialised head (None: the adapters' rate); "
         "benchmarks/head_check.py shows a head at the adapters' rate stalling in short runs.",
     )
     standardize_targets: bool = option(
@@ -101,12 +103,13 @@ class TrainConfig:
         "the batch median (massive activations; docs/method.md, decoders).",
     )
     max_rank: int | None = option(
-        None, "Sensitivity methods: cap on the rank of any one matrix (default min(d_in, d_out))."
+        allocation_default("max_rank"),
+        "Sensitivity methods: cap on the rank of any one matrix (default min(d_in, d_out)).",
     )
-    budget: str = option(
-        "rank",
-        "Sensitivity methods: rank (the total rank of uniform LoRA) | parameters (at most "
-        "uniform LoRA's parameter count).",
+    budget: str | None = option(
+        allocation_default("budget"),
+        "Sensitivity methods: parameters (at most uniform LoRA's parameter count, the paper's "
+        "A.2; the default) | rank (the total rank of uniform LoRA; PRA's default).",
     )
     adalora_init_rank: int | None = option(
         None, "AdaLoRA's and HyperAdaLoRA's initial rank (default 1.5 x avg-rank)."
@@ -138,7 +141,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_choice("method", self.method, tuple(METHODS))
         check_choice("estimator", self.estimator, ESTIMATORS)
-        check_choice("budget", self.budget, BUDGETS)
+        if self.budget is not None:
+            check_choice("budget", self.budget, BUDGETS)
         check_choice("dtype", self.dtype, tuple(DTYPES))
         check_choice("hyperadalora_init", self.hyperadalora_init, HYPERADALORA_INITS)
         check_choice("pooling", self.pooling, ("model", "auto", *POOLINGS))

@@ -267,6 +267,13 @@ def adapter_parameters(result: dict[str, Any]) -> int:
     return int(parameters["lora"]) + int(parameters.get("hypernetwork", 0))
 
 
+def saved_parameters(result: dict[str, Any]) -> int:
+    """Parameters of the adapter a run saves: AdaLoRA's after pruning, HyperAdaLoRA's factors
+    once generated (``final_lora``); the trained count for every other method."""
+    parameters = result["parameters"]
+    return int(parameters.get("final_lora", adapter_parameters(result)))
+
+
 def aggregate(
     results: list[dict[str, Any]],
     methods,
@@ -297,6 +304,8 @@ def aggregate(
             row[task]["params"] = adapter_parameters(runs[0]) if runs else None
             # the allocation, hence the count, may differ with the seed's calibration sample
             row[task]["params_range"] = [counts[0], counts[-1]] if runs else None
+            saved = sorted(saved_parameters(r) for r in runs)
+            row[task]["saved_range"] = [saved[0], saved[-1]] if runs else None
         for reference in references:
             if method != reference:
                 _compare(row, by, method, reference, tasks, selection, metric)
@@ -345,7 +354,7 @@ def _summary(values: list[float]) -> dict[str, Any]:
 
 def render_markdown(summary: dict[str, Any]) -> str:
     tasks, table = summary["tasks"], summary["table"]
-    head = "| method | " + " | ".join(tasks) + " | Avg. | adapter params |"
+    head = "| method | " + " | ".join(tasks) + " | Avg. | adapter params (trained) |"
     metric = summary.get("metric", "main")
     name = "the main dev metric" if metric == "main" else f"dev {metric}"
     direction = "lower is better" if summary.get("lower_is_better") else "higher is better"
@@ -364,6 +373,10 @@ def render_markdown(summary: dict[str, Any]) -> str:
             + " | ".join(cells)
             + f" | {'-' if average is None else f'{average:.2f}'} | "
             + _params_cell([row[t].get("params_range") for t in tasks])
+            + _saved_note(
+                [row[t].get("params_range") for t in tasks],
+                [row[t].get("saved_range") for t in tasks],
+            )
             + " |"
         )
     for reference in summary.get("references", ["lora"]):
@@ -409,6 +422,13 @@ def _params_cell(ranges: list[list[int] | None]) -> str:
         return ""
     low, high = min(counts), max(counts)
     return f"{low:,}" if low == high else f"{low:,}–{high:,}"
+
+
+def _saved_note(trained: list, saved: list) -> str:
+    """`` (saves A–B)`` when the saved adapter differs from what was trained, else empty."""
+    if [r for r in saved if r] == [r for r in trained if r]:
+        return ""
+    return f" (saves {_params_cell(saved)})"
 
 
 def _cell(stats: dict[str, Any], signed: bool = False) -> str:

@@ -24,7 +24,6 @@ method touches this file (and its test) alone.
   ``senslora-inverse`` reads the damped inverse-Hessian curvature (Section 4.6, docs/method.md).
 """
 
-
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
