@@ -156,32 +156,50 @@ OPTIONS = {
 }
 
 
-def allocations(model, batches) -> dict:
-    """The allocation of every option, compared with the default one."""
-    config = AllocationConfig(avg_rank=AVG_RANK, budget="rank")  # as the committed JSON
-    out, default = {}, None
+BUDGETS = ("rank", "parameters")
+"""Every option is allocated under both budgets from the same statistics: 'rank' (the paper's,
+the setting of the first committed run) and 'parameters' (the default since the equal-parameter
+study: at most uniform LoRA r = 8's parameter count)."""
+
+
+def allocations(model, batches) -> dict[str, dict]:
+    """``{budget: {option: its allocation, compared with the default option's}}``."""
+    out: dict[str, dict] = {budget: {} for budget in BUDGETS}
+    defaults: dict[str, dict] = {}
     for label, options in OPTIONS.items():
         start = time.perf_counter()
         stats = collect_statistics(model, batches, **options)
-        allocation = allocate_ranks(stats, config)
-        trace = allocate_ranks(stats, dataclasses.replace(config, score="global"))
         seconds = time.perf_counter() - start
         print(f"  {label}: {seconds:.0f} s", flush=True)
-        ranks = allocation.ranks
-        default = default or ranks
-        largest = sorted(ranks.items(), key=lambda item: item[1], reverse=True)
-        out[label] = {
-            "seconds": round(seconds, 2),
-            "top_ranks": dict(largest[:5]),
-            "top3_share": sum(r for _, r in largest[:3]) / allocation.total_rank,
-            "rank_one_matrices": sum(1 for r in ranks.values() if r == 1),
-            "spearman_to_default": spearman(list(default.values()), list(ranks.values())),
-            "spearman_combined_to_trace_score": spearman(
-                list(ranks.values()), list(trace.ranks.values())
-            ),
-            "ranks": ranks,
-        }
+        for budget in BUDGETS:
+            config = AllocationConfig(avg_rank=AVG_RANK, budget=budget)
+            allocation = allocate_ranks(stats, config)
+            trace = allocate_ranks(stats, dataclasses.replace(config, score="global"))
+            defaults.setdefault(budget, allocation.ranks)
+            out[budget][label] = {"seconds": round(seconds, 2)} | summarize(
+                allocation, defaults[budget], trace.ranks
+            )
     return out
+
+
+def summarize(allocation, default: dict, trace: dict) -> dict:
+    """Top matrices, their share of the ranks and of the adapter parameters, rank-1 count, and
+    the Spearman correlation of the ranks with the default option's and the trace score's."""
+    ranks = allocation.ranks
+    largest = sorted(ranks.items(), key=lambda item: item[1], reverse=True)
+    cost = {name: sum(allocation.shapes[name]) for name in ranks}
+    return {
+        "top_ranks": dict(largest[:5]),
+        "top3_share": sum(r for _, r in largest[:3]) / allocation.total_rank,
+        "top3_parameter_share": sum(r * cost[n] for n, r in largest[:3])
+        / allocation.num_parameters,
+        "parameters": allocation.num_parameters,
+        "uniform_parameters": allocation.uniform_parameters(),
+        "rank_one_matrices": sum(1 for r in ranks.values() if r == 1),
+        "spearman_to_default": spearman(list(default.values()), list(ranks.values())),
+        "spearman_combined_to_trace_score": spearman(list(ranks.values()), list(trace.values())),
+        "ranks": ranks,
+    }
 
 
 def main() -> None:
@@ -197,11 +215,14 @@ def main() -> None:
         model, tokenizer = load(name, args.gemma)
         batches = calibration_batches(tokenizer, calibration)
         print(f"{name}: diagnosing", flush=True)
+        by_budget = allocations(model, batches)
         results[name] = {
             "diagnosis": diagnose(model, tokenizer, batches),
-            "allocations": allocations(model, batches),
+            "allocations": by_budget["rank"],  # the key of the first committed run
+            "allocations_parameters": by_budget["parameters"],
         }
-        print(name, {k: v["top3_share"] for k, v in results[name]["allocations"].items()})
+        for budget, options in by_budget.items():
+            print(name, budget, {k: round(v["top3_share"], 2) for k, v in options.items()})
     plot(results, args.figure)
     write_results(
         args.out,
@@ -248,10 +269,11 @@ def plot(results: dict, path: Path) -> None:
             top.plot(layers, [r[key] for r in rows.values()], marker="o", ms=3, label=label)
         top.set(title=f"{name}: share of each down_proj trace", xlabel="layer", ylim=(0, 1.02))
         top.legend(fontsize=8)
-        for label, allocation in result["allocations"].items():
+        for label, allocation in result["allocations_parameters"].items():
             ranks = [allocation["ranks"][n] for n in rows]
             bottom.semilogy(layers, ranks, marker="o", ms=3, label=label)
-        bottom.set(title=f"down_proj ranks (average rank {AVG_RANK})", xlabel="layer")
+        title = f"down_proj ranks (average rank {AVG_RANK}, parameter budget)"
+        bottom.set(title=title, xlabel="layer")
         bottom.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

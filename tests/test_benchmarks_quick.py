@@ -114,12 +114,18 @@ def test_decoder_diagnosis_quick(tmp_path, monkeypatch):
     assert len(shares) == 2  # one row per layer of the tiny Llama
     for row in shares:
         assert 0 < row["first_token_share"] < 1 and 0 < row["top_channel_share"] < 1
-    allocations = result["allocations"]
+    allocations = result["allocations"]  # the rank budget
     assert len(allocations) == 4
     for allocation in allocations.values():  # 2 layers x 7 matrices at average rank 8
         assert sum(allocation["ranks"].values()) == 14 * 8
         assert 0 < allocation["top3_share"] <= 1
     assert allocations["default"]["spearman_to_default"] == pytest.approx(1.0)
+    by_parameters = result["allocations_parameters"]
+    assert by_parameters.keys() == allocations.keys()
+    for allocation in by_parameters.values():
+        assert 0.9 * allocation["uniform_parameters"] <= allocation["parameters"]
+        assert allocation["parameters"] <= allocation["uniform_parameters"]
+        assert 0 < allocation["top3_parameter_share"] <= 1
 
 
 def test_plot_curves_reads_every_evaluation_of_the_finished_runs(tmp_path, monkeypatch):
