@@ -162,3 +162,26 @@ def test_the_table_shows_a_pruned_adapter_s_saved_size_beside_its_trained_size()
     assert "| 249,048 (saves 139,392–154,368) |" in text
     plain = render_markdown(aggregate(RESULTS, ["lora"], ["t"]))
     assert "| 100 |" in plain and "saves" not in plain
+
+
+def test_write_summary_adds_a_table_per_further_metric(tmp_path):
+    import json
+
+    from senslora.finetune.grid import write_summary
+
+    spec = load_spec(
+        write(tmp_path, SPEC.replace('metric = "nll"', 'metric = "nll"\nalso = ["rougeL"]'))
+    )
+    for result in RESULTS:
+        folder = spec.run_dir("glue:rte", result["row"], result["config"]["seed"])
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps({**result, "task": "glue:rte"}))
+    write_summary(spec)
+    text = (spec.out / "results.md").read_text()
+    assert "## rougeL (last epoch)" in text and "Dev nll (last epoch; lower is better)" in text
+    saved = json.loads((spec.out / "results.json").read_text())
+    rouge = saved["also"]["rougeL"]["table"]
+    assert rouge["lora"]["glue:rte"]["mean"] == pytest.approx(20.0)
+    assert saved["main"]["table"]["lora"]["glue:rte"]["mean"] == pytest.approx(3.1)
+    with pytest.raises(ValueError, match="also must be a list of metric names"):
+        load_spec(write(tmp_path, SPEC.replace('metric = "nll"', "also = [1]")))

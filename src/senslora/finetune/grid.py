@@ -21,6 +21,7 @@ A spec::
     outlier_factor = 10.0
 
     metric = "nll"             # the table's metric (default: the task's main metric)
+    also = ["rougeL", "bleu4"] # more tables, one per metric, in results.md and results.json
 
 With ``eval_at_start = true`` the step-0 evaluation of the first reference (for LoRA-family
 methods, B = 0: the untuned model) becomes an extra ``untuned`` row.
@@ -57,6 +58,7 @@ SPEC_KEYS = {
     "references",
     "rows",
     "metric",
+    "also",
 }
 LOWER_IS_BETTER = {"nll", "perplexity", "mse"}
 """Metrics where smaller is better; every other metric is reported in percent, higher better."""
@@ -79,6 +81,8 @@ class BenchSpec:
     """Named rows: ``{row name: {"method": ..., **TrainConfig fields}}``."""
     metric: str | None = None
     """The tables' metric; None: each task's main metric."""
+    also: tuple[str, ...] = ()
+    """Further metrics, each with its own table (selection epoch only)."""
 
     def run_dir(self, task: str, method: str, seed: int) -> Path:
         return self.out / task.replace(":", "-").replace("/", "_") / method / f"seed{seed}"
@@ -145,6 +149,7 @@ def load_spec(path: str | Path) -> BenchSpec:
         references=tuple(data.get("references", [m for m in ("lora",) if m in data["methods"]])),
         rows=rows,
         metric=data.get("metric"),
+        also=tuple(data.get("also", ())),
     )
     missing = [r for r in spec.references if r not in spec.methods]
     if missing:
@@ -153,6 +158,8 @@ def load_spec(path: str | Path) -> BenchSpec:
         raise ValueError(
             f'{path}: metric must be a metric\'s name, e.g. "nll", got {spec.metric!r}'
         )
+    if not all(isinstance(name, str) for name in spec.also):
+        raise ValueError(f"{path}: also must be a list of metric names, got {list(spec.also)!r}")
     if spec.selection not in ("last", "best"):
         raise ValueError(f"selection must be 'last' or 'best', got {spec.selection!r}")
     for task, method, seed in spec.runs():
@@ -445,13 +452,22 @@ def write_summary(spec: BenchSpec) -> dict[str, Any]:
         for sel in ("last", "best")
     }
     primary = summaries[spec.selection]
+    extra = {
+        name: aggregate(results, spec.methods, spec.tasks, spec.selection, spec.references, name)
+        for name in spec.also
+    }
     write_text_atomic(
-        spec.out / "results.json", json.dumps({"main": primary, **summaries}, indent=2) + "\n"
+        spec.out / "results.json",
+        json.dumps({"main": primary, **summaries, "also": extra}, indent=2) + "\n",
     )
     other = "best" if spec.selection == "last" else "last"
     text = (
         f"# Results\n\n## Main table ({spec.selection} epoch)\n\n"
         + render_markdown(primary)
+        + "".join(
+            f"\n## {name} ({spec.selection} epoch)\n\n" + render_markdown(summary)
+            for name, summary in extra.items()
+        )
         + f"\n## {other.capitalize()} epoch\n\n"
         + render_markdown(summaries[other])
     )
