@@ -108,7 +108,7 @@ def test_a_loss_table_is_won_by_going_lower_and_has_the_untuned_row():
     assert diff["wins"] == 2  # seeds 0 and 1 have the lower loss
     text = render_markdown(summary)
     assert "lower is better" in text and "(won: lower)" in text
-    assert "| untuned | 4.80 ± 0.00 (3)" in text
+    assert "| untuned | 4.800 ± 0.000 (3) | 4.800 | 0 |" in text
 
 
 def test_the_main_metric_stays_the_default_and_is_won_by_going_higher():

@@ -258,10 +258,21 @@ def score(result: dict[str, Any], selection: str, metric: str | None = None) -> 
     return value if metric in LOWER_IS_BETTER else 100.0 * value
 
 
+def spec_task(result: dict[str, Any]) -> str:
+    """The task as the spec names it (``wordnet:<path>``), not the task's short name."""
+    return result["config"].get("task", result["task"])
+
+
 def untuned_results(results: list[dict[str, Any]], reference: str) -> list[dict[str, Any]]:
     """The step-0 evaluations of the reference's runs, as runs of an ``untuned`` row."""
     return [
-        {**r, "row": UNTUNED, "last": r["evals"][0], "best": r["evals"][0]}
+        {
+            **r,
+            "row": UNTUNED,
+            "last": r["evals"][0],
+            "best": r["evals"][0],
+            "parameters": {"lora": 0},  # nothing trained yet
+        }
         for r in results
         if r["row"] == reference and r.get("evals") and r["evals"][0].get("step") == 0
     ]
@@ -299,7 +310,7 @@ def aggregate(
     if untuned:
         methods = [UNTUNED, *methods]
         results = untuned + results
-    by = {(r["row"], r["task"], r["config"]["seed"]): r for r in results}
+    by = {(r["row"], spec_task(r), r["config"]["seed"]): r for r in results}
     lower = metric in LOWER_IS_BETTER
     table: dict[str, dict[str, Any]] = {}
     for method in methods:
@@ -373,12 +384,13 @@ def render_markdown(summary: dict[str, Any]) -> str:
         "|" + "---|" * (len(tasks) + 3),
     ]
     for method, row in table.items():
-        cells = [_cell(row[t]) for t in tasks]
+        digits = 3 if summary.get("lower_is_better") else 2  # a loss differs in the 3rd digit
+        cells = [_cell(row[t], digits=digits) for t in tasks]
         average = row["average"]["mean"]
         lines.append(
             f"| {method} | "
             + " | ".join(cells)
-            + f" | {'-' if average is None else f'{average:.2f}'} | "
+            + f" | {'-' if average is None else f'{average:.{digits}f}'} | "
             + _params_cell([row[t].get("params_range") for t in tasks])
             + _saved_note(
                 [row[t].get("params_range") for t in tasks],
@@ -405,18 +417,21 @@ def _paired_lines(summary: dict[str, Any], reference: str) -> list[str]:
     ]
     for method, row in table.items():
         if method not in (reference, UNTUNED):
-            cells = [_paired_cell(row[t].get(f"diff_vs_{reference}", {"n": 0})) for t in tasks]
+            digits = 3 if summary.get("lower_is_better") else 2
+            cells = [
+                _paired_cell(row[t].get(f"diff_vs_{reference}", {"n": 0}), digits) for t in tasks
+            ]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines
 
 
-def _paired_cell(stats: dict[str, Any]) -> str:
+def _paired_cell(stats: dict[str, Any], digits: int = 2) -> str:
     if not stats.get("n"):
         return "-"
-    text = f"{stats['mean']:+.2f}"
+    text = f"{stats['mean']:+.{digits}f}"
     if stats.get("ci95") is not None:
         low, high = stats["ci95"]
-        text += f" [{low:+.2f}, {high:+.2f}]"
+        text += f" [{low:+.{digits}f}, {high:+.{digits}f}]"
     if stats.get("p_holm") is not None:
         text += f", p {stats['p_holm']:.3f}"
     return text + f", {stats['wins']}/{stats['n']}"
@@ -438,11 +453,12 @@ def _saved_note(trained: list, saved: list) -> str:
     return f" (saves {_params_cell(saved)})"
 
 
-def _cell(stats: dict[str, Any], signed: bool = False) -> str:
+def _cell(stats: dict[str, Any], signed: bool = False, digits: int = 2) -> str:
     if not stats.get("n"):
         return "-"
     sign = "+" if signed else ""
-    return f"{stats['mean']:{sign}.2f} ± {stats['std']:.2f} ({stats['n']})"
+    mean, std = stats["mean"], stats["std"]
+    return f"{mean:{sign}.{digits}f} ± {std:.{digits}f} ({stats['n']})"
 
 
 def write_summary(spec: BenchSpec) -> dict[str, Any]:
