@@ -25,6 +25,7 @@ from torch import nn
 from senslora.allocation import Allocation, allocate_ranks
 from senslora.batches import LossFn
 from senslora.config import AllocationConfig
+from senslora.estimators import DEFAULT_ESTIMATOR
 from senslora.peft_bridge import apply_allocation, backbone_prefix
 from senslora.pipeline import Calibration, calibrate
 from senslora.targets import find_target_modules
@@ -72,7 +73,7 @@ def compute_allocation(
     lora_config: peft.LoraConfig | None = None,
     *,
     config: AllocationConfig | None = None,
-    estimator: str = "activation",
+    estimator: str = DEFAULT_ESTIMATOR,
     forward_fn: ForwardFn | None = None,
     prepare_model_inputs_fn: Callable[[Any], Any] | None = None,
     loss_fn: LossFn | None = None,
@@ -87,7 +88,8 @@ def compute_allocation(
         lora_config: its ``target_modules`` choose the modules (default: all linear layers but
             the heads) and its ``r`` is the default average rank.
         config: the allocation settings (default: ``AllocationConfig(avg_rank=lora_config.r)``).
-        estimator: ``"activation"`` (no labels), ``"fisher"`` or ``"hutchinson"``.
+        estimator: ``"auto"`` (the default: fisher with the next-token loss for a causal LM,
+            activation otherwise), ``"activation"`` (no labels), ``"fisher"`` or ``"hutchinson"``.
         forward_fn, prepare_model_inputs_fn: see the module docstring.
         loss_fn: ``loss_fn(model, batch) -> scalar`` for fisher/hutchinson.
         provenance: recorded in the allocation (e.g. the calibration source).
@@ -140,7 +142,7 @@ def get_peft_model(
     dataloader: Iterable[Any],
     *,
     config: AllocationConfig | None = None,
-    estimator: str = "activation",
+    estimator: str = DEFAULT_ESTIMATOR,
     forward_fn: ForwardFn | None = None,
     prepare_model_inputs_fn: Callable[[Any], Any] | None = None,
     loss_fn: LossFn | None = None,

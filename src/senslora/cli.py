@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from senslora import config as allocation_config
 from senslora.config import SCORES
+from senslora.estimators import DEFAULT_ESTIMATOR
 from senslora.finetune.config import TrainConfig, default_of, help_of
 
 app = typer.Typer(
@@ -76,9 +77,10 @@ def allocate(
         "avg_rank", help="Average LoRA rank per matrix (the uniform-LoRA r)."
     ),
     estimator: str = typer.Option(
-        "activation",
-        help="activation (GPTQ 2XX^T, forward only) | fisher | hutchinson "
-        "(need a causal LM: next-token loss).",
+        DEFAULT_ESTIMATOR,
+        help="auto (fisher for a causal LM: its activation statistics follow the attention sink, "
+        "docs/method.md; activation otherwise) | activation (GPTQ 2XX^T, forward only) | fisher | "
+        "hutchinson (fisher/hutchinson need a causal LM: next-token loss).",
     ),
     scheme: str = _allocation_option(
         "scheme", help="sra (proportional, eq. 15) | pra (progressive)."
@@ -248,29 +250,38 @@ def _allocate(
 
     from senslora import allocate_ranks
     from senslora.data import calibration_batches
+    from senslora.estimators import resolve_estimator
     from senslora.models import load_model, load_tokenizer, resolve_model_path
     from senslora.peft_bridge import lora_alphas
     from senslora.pipeline import Calibration, calibrate
     from senslora.report import concentration_note, rank_table
+    from senslora.targets import find_target_modules
 
     say = console if main_process else Console(quiet=True)  # rank 0 alone prints
     model_path = resolve_model_path(model)
     say.print(f"model [bold]{model_path}[/], calibration [bold]{calibration.source}[/]")
     loaded = load_model(model_path, device=device, dtype=dtype, device_map=device_map)
     batches = calibration_batches(load_tokenizer(model_path), calibration)
+    keep_gram = config.spectrum == "eigenvalues" or config.curvature == "inverse"
+    resolved = resolve_estimator(
+        estimator,
+        loaded,
+        find_target_modules(loaded, _target_spec(targets)),
+        activation_only=keep_gram or bool(skip_positions) or outlier_factor is not None,
+    )
     calibrated = calibrate(
         loaded,
         batches,
         estimator=estimator,
         targets=_target_spec(targets),
-        keep_gram=config.spectrum == "eigenvalues" or config.curvature == "inverse",
+        keep_gram=keep_gram,
         num_probes=num_probes,
         seed=calibration.seed,
         skip_positions=skip_positions,
         outlier_factor=outlier_factor,
         model_path=model_path,
         calibration=Calibration(config=calibration),
-        progress=(lambda b: tracked(b, f"calibrating ({estimator})")) if main_process else None,
+        progress=(lambda b: tracked(b, f"calibrating ({resolved})")) if main_process else None,
     )
     allocation = calibrated.allocate(config)
     variants = {

@@ -20,7 +20,7 @@ from senslora.allocation import Allocation, allocate_ranks
 from senslora.batches import LossFn
 from senslora.config import AllocationConfig
 from senslora.data import CalibrationConfig, describe_source
-from senslora.estimators import collect_statistics
+from senslora.estimators import DEFAULT_ESTIMATOR, collect_statistics
 from senslora.peft_bridge import backbone_prefix
 from senslora.stats import ModuleStats
 from senslora.targets import TargetSpec
@@ -79,7 +79,7 @@ def calibrate(
     model: nn.Module,
     batches: Iterable[Any],
     *,
-    estimator: str = "activation",
+    estimator: str = DEFAULT_ESTIMATOR,
     targets: TargetSpec = "all-linear",
     loss_fn: LossFn | None = None,
     keep_gram: bool = False,
@@ -123,7 +123,8 @@ def calibrate(
         ),
         "num_sequences": tally.sequences,
         "num_tokens": tally.tokens,
-        "estimator": estimator,
+        "estimator": next(iter(stats.values())).estimator,  # what "auto" resolved to
+        "estimator_requested": estimator,
         "token_filters": {"skip_positions": skip_positions, "outlier_factor": outlier_factor},
         "targets": targets if isinstance(targets, str) else list(targets),
         "senslora_version": __version__,

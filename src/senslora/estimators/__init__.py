@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from senslora.batches import Batch, LossFn, default_loss, right_align_padding
+from senslora.batches import Batch, LossFn, _is_causal_lm, default_loss, right_align_padding
 from senslora.distributed import all_reduce_statistics, distributed_world, shard_batches
 from senslora.estimators.activation import collect_activation_statistics
 from senslora.estimators.gradients import (
@@ -17,7 +17,45 @@ from senslora.estimators.gradients import (
 from senslora.stats import ModuleStats
 from senslora.targets import TargetSpec, find_target_modules
 
-ESTIMATORS = ("activation", "fisher", "hutchinson")
+ESTIMATORS = ("auto", "activation", "fisher", "hutchinson")
+DEFAULT_ESTIMATOR = "auto"
+"""The default of the entry points (`senslora allocate`, `senslora train`, `calibrate`,
+`compute_allocation`, `get_peft_model`): 'auto' picks per model (`resolve_estimator`). The
+primitive `collect_statistics` keeps the paper's 'activation' unless told otherwise."""
+
+
+def resolve_estimator(
+    estimator: str,
+    model: nn.Module,
+    modules: dict[str, nn.Module] | None = None,
+    *,
+    activation_only: bool = False,
+) -> str:
+    """The estimator that ``"auto"`` stands for on ``model`` (any other name is returned as is).
+
+    ``"fisher"`` (the next-token loss, free on any text) for a causal LM whose target weights are
+    all in memory and in floating point; ``"activation"`` otherwise: for encoders (the paper's
+    GPTQ statistics), for offloaded or quantized weights (no gradient to read), and when the
+    caller asks for what only the activation statistics give (``activation_only``: token
+    filters, the Gram matrix of the eigenvalue spectrum or the inverse-Hessian curvature).
+    Why the causal-LM rule:
+    the activation trace of a decoder is dominated by its attention sink, the Fisher is not, and
+    on the WordNet benchmark the Fisher allocation trains as well as uniform LoRA where the
+    activation one trains worse (docs/method.md, "Decoders and massive activations")."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if estimator != "auto":
+        return estimator
+    if activation_only or not _is_causal_lm(model):
+        return "activation"
+    if modules is not None and not all(_differentiable(m) for m in modules.values()):
+        return "activation"
+    return "fisher"
+
+
+def _differentiable(module: nn.Module) -> bool:
+    weight = module.weight
+    return weight.device.type != "meta" and weight.is_floating_point()
 
 
 def collect_statistics(
@@ -42,8 +80,10 @@ def collect_statistics(
     Args:
         model: a transformers model or any torch module with Linear/Conv1D layers.
         batches: an iterable of dicts (``model(**batch)``) or tuples (``model(batch[0])``).
-        estimator: ``"activation"`` (GPTQ 2·XXᵀ from forward hooks, no labels; the default),
-            ``"fisher"`` (empirical Fisher diagonal) or ``"hutchinson"`` (true Hessian diagonal).
+        estimator: ``"activation"`` (GPTQ 2·XXᵀ from forward hooks, no labels; the default
+            here, the paper's), ``"fisher"`` (empirical Fisher diagonal), ``"hutchinson"`` (true
+            Hessian diagonal) or ``"auto"`` (fisher for a causal LM, activation otherwise:
+            `resolve_estimator`; the default of the entry points, `DEFAULT_ESTIMATOR`).
         targets: ``"all-linear"``, a list of module names (peft-style suffix match) or a regex.
         loss_fn: ``loss_fn(model, batch) -> scalar`` for fisher/hutchinson; default: the model's
             own ``.loss`` (causal LMs get the next-token loss on their real tokens).
@@ -73,14 +113,14 @@ def collect_statistics(
     Returns:
         ``{full module name: ModuleStats}`` in model order.
     """
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if estimator != "activation" and (skip_positions or outlier_factor is not None):
+    modules = find_target_modules(model, targets, include_heads=include_heads)
+    filters = bool(skip_positions) or outlier_factor is not None
+    estimator = resolve_estimator(estimator, model, modules, activation_only=filters or keep_gram)
+    if estimator != "activation" and filters:
         raise ValueError(
             "skip_positions and outlier_factor filter the tokens of the activation estimator, "
             f"got them with estimator={estimator!r}"
         )
-    modules = find_target_modules(model, targets, include_heads=include_heads)
     if estimator != "activation":
         _check_differentiable(modules, estimator)
     world = distributed_world(distributed)
@@ -156,4 +196,10 @@ def _check_collected(stats: dict[str, ModuleStats]) -> None:
         )
 
 
-__all__ = ["ESTIMATORS", "ModuleStats", "collect_statistics"]
+__all__ = [
+    "DEFAULT_ESTIMATOR",
+    "ESTIMATORS",
+    "ModuleStats",
+    "collect_statistics",
+    "resolve_estimator",
+]

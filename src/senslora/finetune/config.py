@@ -13,7 +13,7 @@ import torch
 
 from senslora.config import BUDGETS, check_choice, positive_int
 from senslora.config import default_of as allocation_default
-from senslora.estimators import ESTIMATORS
+from senslora.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
 from senslora.finetune.heads import POOLINGS
 from senslora.finetune.methods import METHODS
 from senslora.finetune.tasks import parse_task_spec
@@ -91,7 +91,11 @@ class TrainConfig:
     )
     calib_samples: int = option(128, "Calibration sequences (sensitivity methods).")
     calib_seq_len: int = option(128, "Max tokens per calibration sequence.")
-    estimator: str = option("activation", " | ".join(ESTIMATORS) + " (sensitivity methods).")
+    estimator: str = option(
+        DEFAULT_ESTIMATOR,
+        " | ".join(ESTIMATORS) + " (sensitivity methods; auto: fisher with the next-token loss "
+        "for a causal LM, activation otherwise).",
+    )
     skip_positions: int = option(
         0,
         "Activation estimator: leave the first N real tokens of every calibration sequence out "
