@@ -22,7 +22,8 @@ def test_auto_is_the_fisher_for_a_causal_lm_and_the_activation_otherwise():
     assert resolve_estimator("auto", tiny_llama()) == "fisher"
     assert resolve_estimator("auto", tiny_gpt2()) == "fisher"  # *LMHeadModel
     assert resolve_estimator("auto", tiny_bert()) == "activation"
-    assert resolve_estimator("auto", tiny_llama(), activation_only=True) == "activation"
+    assert resolve_estimator("auto", tiny_llama(), keep_gram=True) == "activation"
+    assert resolve_estimator("auto", tiny_llama(), outlier_factor=10.0) == "activation"
     for name in ("activation", "fisher", "hutchinson"):
         assert resolve_estimator(name, tiny_bert()) == name  # an explicit choice stands
     with pytest.raises(ValueError, match="estimator must be one of .* got 'magic'"):

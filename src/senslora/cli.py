@@ -267,7 +267,9 @@ def _allocate(
         estimator,
         loaded,
         find_target_modules(loaded, _target_spec(targets)),
-        activation_only=keep_gram or bool(skip_positions) or outlier_factor is not None,
+        skip_positions=skip_positions,
+        outlier_factor=outlier_factor,
+        keep_gram=keep_gram,
     )
     calibrated = calibrate(
         loaded,

@@ -29,15 +29,18 @@ def resolve_estimator(
     model: nn.Module,
     modules: dict[str, nn.Module] | None = None,
     *,
-    activation_only: bool = False,
+    skip_positions: int = 0,
+    outlier_factor: float | None = None,
+    keep_gram: bool = False,
 ) -> str:
     """The estimator that ``"auto"`` stands for on ``model`` (any other name is returned as is).
 
     ``"fisher"`` (the next-token loss, free on any text) for a causal LM whose target weights are
     all in memory and in floating point; ``"activation"`` otherwise: for encoders (the paper's
     GPTQ statistics), for offloaded or quantized weights (no gradient to read), and when the
-    caller asks for what only the activation statistics give (``activation_only``: token
-    filters, the Gram matrix of the eigenvalue spectrum or the inverse-Hessian curvature).
+    caller asks for what only the activation statistics give: token filters (``skip_positions``,
+    ``outlier_factor``) or the Gram matrix (``keep_gram``: the eigenvalue spectrum, the
+    inverse-Hessian curvature).
     Why the causal-LM rule:
     the activation trace of a decoder is dominated by its attention sink, the Fisher is not, and
     on the WordNet benchmark the Fisher allocation trains as well as uniform LoRA where the
@@ -46,6 +49,7 @@ def resolve_estimator(
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if estimator != "auto":
         return estimator
+    activation_only = keep_gram or bool(skip_positions) or outlier_factor is not None
     if activation_only or not _is_causal_lm(model):
         return "activation"
     if modules is not None and not all(_differentiable(m) for m in modules.values()):
@@ -114,9 +118,15 @@ def collect_statistics(
         ``{full module name: ModuleStats}`` in model order.
     """
     modules = find_target_modules(model, targets, include_heads=include_heads)
-    filters = bool(skip_positions) or outlier_factor is not None
-    estimator = resolve_estimator(estimator, model, modules, activation_only=filters or keep_gram)
-    if estimator != "activation" and filters:
+    estimator = resolve_estimator(
+        estimator,
+        model,
+        modules,
+        skip_positions=skip_positions,
+        outlier_factor=outlier_factor,
+        keep_gram=keep_gram,
+    )
+    if estimator != "activation" and (skip_positions or outlier_factor is not None):
         raise ValueError(
             "skip_positions and outlier_factor filter the tokens of the activation estimator, "
             f"got them with estimator={estimator!r}"

@@ -241,16 +241,10 @@ def collect_results(spec: BenchSpec) -> list[dict[str, Any]]:
 
 
 def score(result: dict[str, Any], selection: str, metric: str | None = None) -> float:
-    """A dev metric of a run at its last or best epoch (``selection``; ``"start"``: the step-0
-    evaluation): the task's main metric unless ``metric`` names another, in percent unless it
-    is a loss (`LOWER_IS_BETTER`)."""
+    """A dev metric of a run at its last or best epoch (``selection``): the task's main metric
+    unless ``metric`` names another, in percent unless it is a loss (`LOWER_IS_BETTER`)."""
     metric = metric or result["main_metric"]
-    if selection == "start":
-        row = result["evals"][0]
-        if row.get("step") != 0:
-            raise ValueError("the run has no step-0 evaluation (eval_at_start = false)")
-    else:
-        row = result[selection]
+    row = result[selection]
     if metric not in row:
         have = sorted(set(row) - {"step", "epoch"})
         raise ValueError(f"the run's evaluations have no {metric!r}; they have {have}")
@@ -383,8 +377,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
         head,
         "|" + "---|" * (len(tasks) + 3),
     ]
+    digits = _digits(summary)
     for method, row in table.items():
-        digits = 3 if summary.get("lower_is_better") else 2  # a loss differs in the 3rd digit
         cells = [_cell(row[t], digits=digits) for t in tasks]
         average = row["average"]["mean"]
         lines.append(
@@ -415,14 +409,20 @@ def _paired_lines(summary: dict[str, Any], reference: str) -> list[str]:
         "| method | " + " | ".join(tasks) + " |",
         "|" + "---|" * (len(tasks) + 1),
     ]
+    digits = _digits(summary)
     for method, row in table.items():
         if method not in (reference, UNTUNED):
-            digits = 3 if summary.get("lower_is_better") else 2
             cells = [
                 _paired_cell(row[t].get(f"diff_vs_{reference}", {"n": 0}), digits) for t in tasks
             ]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _digits(summary: dict[str, Any]) -> int:
+    """Decimals of a table's cells: a loss differs in the third digit, a percentage in the
+    second."""
+    return 3 if summary.get("lower_is_better") else 2
 
 
 def _paired_cell(stats: dict[str, Any], digits: int = 2) -> str:
