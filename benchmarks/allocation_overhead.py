@@ -36,6 +36,7 @@ from common import (
     calibration,
     describe_batches,
     environment,
+    head_share,
     interleaved,
     load_benchmark_model,
     parse_args,
@@ -122,20 +123,6 @@ def _phase_medians(phases) -> dict[str, float]:
     return {
         "statistics_median_s": statistics.median(p[0] for p in phases),
         "metrics_and_ranks_median_s": statistics.median(p[1] for p in phases),
-    }
-
-
-def head_share(model) -> dict[str, float | int] | None:
-    """Multiply-accumulates per token of the output head vs all linear layers (analytic)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None or not isinstance(head, torch.nn.Linear):
-        return None
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    return {
-        "head_shape": list(head.weight.shape),
-        "head_weights": head.weight.numel(),
-        "all_linear_weights": linear,
-        "head_share_of_linear_macs": head.weight.numel() / linear,
     }
 
 

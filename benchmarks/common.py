@@ -411,6 +411,20 @@ def linear_fit(xs: list[float], ys: list[float]) -> dict[str, float]:
     }
 
 
+def head_share(model) -> dict[str, float | int] | None:
+    """Multiply-accumulates per token of the output head vs all linear layers (analytic)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or not isinstance(head, torch.nn.Linear):
+        return None
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return {
+        "head_shape": list(head.weight.shape),
+        "head_weights": head.weight.numel(),
+        "all_linear_weights": linear,
+        "head_share_of_linear_macs": head.weight.numel() / linear,
+    }
+
+
 def statistics_bytes(stats) -> int:
     """Bytes held by the tensors of a ``{name: ModuleStats}``."""
     total = 0

@@ -4,6 +4,7 @@ are not tests, so no timing is asserted here)."""
 from __future__ import annotations
 
 import json
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -156,3 +157,60 @@ def test_plot_curves_reads_every_evaluation_of_the_finished_runs(tmp_path, monke
     flat = [value for point in curves[1]["points"] for value in point]
     assert flat == pytest.approx([0.0, 40.0, 1.0, 55.0, 2.0, 65.0, 3.0, 60.0])
     assert out.stat().st_size > 0
+
+
+def test_paper_scale_quick(tmp_path, monkeypatch):
+    payload = run_quick("paper_scale", tmp_path / "out.json", monkeypatch)
+    config = payload["config"]
+    fields = config["model_config"]
+    assert fields["num_attention_heads"] == 4 * fields["num_key_value_heads"]  # LLaMA's 32:8
+    assert config["tokens"] == config["sequences"] * config["seq_len"]
+    assert set(payload["timings"]) == {"forward", "senslora"}
+    assert payload["ratio"] == payload["timings"]["senslora"]["wall"]["ratio_paired_median"] > 0
+    assert payload["phases"]["statistics_median_s"] > 0
+    memory = payload["memory"]
+    assert memory["weights_bytes"] == 4 * config["parameters"]  # float32 on the CPU
+    assert memory["forward_peak_bytes"] is None  # measured on CUDA only
+    # the activation statistics: one float32 value per input channel of each of the 2 x 7 matrices
+    hidden, intermediate = fields["hidden_size"], fields["intermediate_size"]
+    assert memory["statistics_bytes"] >= 4 * 2 * (6 * hidden + intermediate)
+
+
+def test_paper_scale_model_is_llama31_8b_sized(monkeypatch):
+    """The full configuration has LLaMA3.1-8B's parameter count (8,030,261,248), checked on the
+    meta device so that nothing is allocated."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import torch
+    from paper_scale import LLAMA31_8B, build_model
+
+    model = build_model(LLAMA31_8B, torch.device("meta"), torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == 8_030_261_248
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.real_model
+def test_gpu_kit_holds_what_the_benchmarks_read_and_no_weights(tmp_path, monkeypatch):
+    import subprocess
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from gpu_kit import build
+
+    kit = build(tmp_path / "kit")
+    files = [f for f in kit.rglob("*") if f.is_file()]
+    assert not [f for f in files if f.suffix in {".safetensors", ".bin", ".gguf", ".pt"}]
+    assert sum(f.stat().st_size for f in files) < 16 * 2**20  # it must travel (64 MiB in all)
+    # with the kit leading the path, senslora finds every asset inside it
+    script = (
+        "from senslora.data.assets import minilm_path, wikipedia_sample_path\n"
+        "from senslora.models import builtin_model_path\n"
+        "print(minilm_path()); print(wikipedia_sample_path()); print(builtin_model_path('smollm2'))"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(kit / "site"),
+        "SENSLORA_CACHE": str(kit / "cache"),
+    }
+    found = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert len(found) == 3 and all(Path(p).resolve().is_relative_to(kit.resolve()) for p in found)
