@@ -12,7 +12,12 @@ from conftest import missing_asset, tiny_bert, tiny_gpt2, tiny_llama, token_batc
 from torch import nn
 
 from senslora import collect_statistics
-from senslora.estimators import DEFAULT_ESTIMATOR, resolve_estimator
+from senslora.estimators import (
+    DEFAULT_ESTIMATOR,
+    available_memory_bytes,
+    fisher_memory_bytes,
+    resolve_estimator,
+)
 from senslora.pipeline import calibrate
 from senslora.targets import find_target_modules
 
@@ -28,6 +33,42 @@ def test_auto_is_the_fisher_for_a_causal_lm_and_the_activation_otherwise():
         assert resolve_estimator(name, tiny_bert()) == name  # an explicit choice stands
     with pytest.raises(ValueError, match="estimator must be one of .* got 'magic'"):
         resolve_estimator("magic", tiny_bert())
+
+
+def test_fisher_memory_counts_a_gradient_and_a_float32_accumulator_per_adapted_weight():
+    model = tiny_llama()
+    modules = find_target_modules(model, "all-linear")
+    weights = sum(m.weight.numel() for m in modules.values())
+    assert fisher_memory_bytes(modules) == {torch.device("cpu"): weights * (4 + 4)}
+    model.to(torch.bfloat16)
+    assert fisher_memory_bytes(modules) == {torch.device("cpu"): weights * (4 + 2)}
+
+
+def test_available_memory_of_the_cpu_is_read():
+    free = available_memory_bytes(torch.device("cpu"))
+    assert free is None or free > 0
+    assert available_memory_bytes(torch.device("meta")) is None
+
+
+def test_auto_falls_back_to_the_activation_when_the_fisher_would_not_fit(monkeypatch):
+    import senslora.estimators as estimators
+
+    model = tiny_llama()
+    modules = find_target_modules(model, "all-linear")
+    needed = fisher_memory_bytes(modules)[torch.device("cpu")]
+    monkeypatch.setattr(estimators, "available_memory_bytes", lambda device: needed)
+    assert resolve_estimator("auto", model, modules) == "fisher"  # it just fits
+    monkeypatch.setattr(estimators, "available_memory_bytes", lambda device: needed - 1)
+    with pytest.warns(UserWarning, match=r"Fisher needs about .* GiB on cpu .* activation"):
+        assert resolve_estimator("auto", model, modules) == "activation"
+    assert resolve_estimator("fisher", model, modules) == "fisher"  # an explicit choice stands
+    monkeypatch.setattr(estimators, "available_memory_bytes", lambda device: None)
+    assert resolve_estimator("auto", model, modules) == "fisher"  # unknown: no guess
+    # the statistics follow the same rule
+    monkeypatch.setattr(estimators, "available_memory_bytes", lambda device: 0)
+    with pytest.warns(UserWarning, match="activation statistics instead"):
+        stats = collect_statistics(model, token_batches(), estimator="auto")
+    assert {s.estimator for s in stats.values()} == {"activation"}
 
 
 def test_auto_falls_back_to_the_activation_where_no_gradient_can_be_read():

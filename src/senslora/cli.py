@@ -79,7 +79,8 @@ def allocate(
     estimator: str = typer.Option(
         DEFAULT_ESTIMATOR,
         help="auto (fisher for a causal LM: its activation statistics follow the attention sink, "
-        "docs/method.md; activation otherwise) | activation (GPTQ 2XX^T, forward only) | fisher | "
+        "docs/method.md; activation otherwise, or where the Fisher's memory, 6-8 bytes per adapted "
+        "weight, is not free) | activation (GPTQ 2XX^T, forward only) | fisher | "
         "hutchinson (fisher/hutchinson need a causal LM: next-token loss).",
     ),
     scheme: str = _allocation_option(

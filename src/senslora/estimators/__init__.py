@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -40,7 +42,9 @@ def resolve_estimator(
     GPTQ statistics), for offloaded or quantized weights (no gradient to read), and when the
     caller asks for what only the activation statistics give: token filters (``skip_positions``,
     ``outlier_factor``) or the Gram matrix (``keep_gram``: the eigenvalue spectrum, the
-    inverse-Hessian curvature).
+    inverse-Hessian curvature), and, with a warning, when the Fisher's gradients and float32
+    accumulators (`fisher_memory_bytes`) would not fit in the free memory of the weights' device
+    (`available_memory_bytes`; 6 bytes per adapted bf16 weight, about 42 GB for LLaMA3.1-8B).
     Why the causal-LM rule:
     the activation trace of a decoder is dominated by its attention sink, the Fisher is not, and
     on the WordNet benchmark the Fisher allocation trains as well as uniform LoRA where the
@@ -54,12 +58,60 @@ def resolve_estimator(
         return "activation"
     if modules is not None and not all(_differentiable(m) for m in modules.values()):
         return "activation"
+    if modules is not None and (short := _memory_shortfall(modules)) is not None:
+        device, needed, free = short
+        warnings.warn(
+            f"estimator='auto': the next-token Fisher needs about {needed / 2**30:.1f} GiB on "
+            f"{device} for its gradients and float32 accumulators (the size of the adapted "
+            f"weights), and {free / 2**30:.1f} GiB are free there; using the activation "
+            "statistics instead (pass estimator='fisher' to insist, or 'activation' with "
+            "outlier_factor=10 for a decoder; docs/method.md)",
+            stacklevel=2,
+        )
+        return "activation"
     return "fisher"
 
 
 def _differentiable(module: nn.Module) -> bool:
     weight = module.weight
     return weight.device.type != "meta" and weight.is_floating_point()
+
+
+def fisher_memory_bytes(modules: dict[str, nn.Module]) -> dict[torch.device, int]:
+    """Bytes the Fisher estimator holds beyond the model, per device: a float32 accumulator and
+    one gradient (in the weight's dtype) per target weight (`collect_fisher_statistics`)."""
+    needed: dict[torch.device, int] = {}
+    for module in modules.values():
+        weight = module.weight
+        needed[weight.device] = needed.get(weight.device, 0) + weight.numel() * (
+            4 + weight.element_size()
+        )
+    return needed
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Free memory of ``device``: the CUDA driver's free bytes, or the operating system's
+    MemAvailable for the CPU; None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            return None
+    return None
+
+
+def _memory_shortfall(modules: dict[str, nn.Module]) -> tuple[torch.device, int, int] | None:
+    """(device, bytes needed, bytes free) of the first device where the Fisher's memory
+    (`fisher_memory_bytes`) exceeds the free memory, or None where it fits or cannot be told."""
+    for device, needed in fisher_memory_bytes(modules).items():
+        free = available_memory_bytes(device)
+        if free is not None and needed > free:
+            return device, needed, free
+    return None
 
 
 def collect_statistics(
@@ -210,6 +262,8 @@ __all__ = [
     "DEFAULT_ESTIMATOR",
     "ESTIMATORS",
     "ModuleStats",
+    "available_memory_bytes",
     "collect_statistics",
+    "fisher_memory_bytes",
     "resolve_estimator",
 ]
