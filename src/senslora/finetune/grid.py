@@ -318,14 +318,14 @@ def aggregate(
             row[task]["params_range"] = [counts[0], counts[-1]] if runs else None
             saved = sorted(saved_parameters(r) for r in runs)
             row[task]["saved_range"] = [saved[0], saved[-1]] if runs else None
-        for reference in references:
-            if method != reference:
-                _compare(row, by, method, reference, tasks, selection, metric)
         complete = [row[t]["mean"] for t in tasks if row[t]["n"]]
         row["average"] = {
             "mean": statistics.fmean(complete) if len(complete) == len(tasks) else None,
             "tasks": len(complete),
         }
+        for reference in references:
+            if method != reference:
+                _compare(row, by, method, reference, tasks, selection, metric)
         table[method] = row
     return {
         "selection": selection,
@@ -355,6 +355,28 @@ def _compare(
     adjusted = holm({task: row[task][key]["p"] for task in tasks})
     for task in tasks:
         row[task][key]["p_holm"] = adjusted[task]
+    row["average"][key] = paired_summary(
+        _average_differences(by, method, reference, tasks, selection, metric),
+        better="lower" if metric in LOWER_IS_BETTER else "higher",
+    )
+    row["average"][key]["p_holm"] = row["average"][key]["p"]  # a family of one test
+
+
+def _average_differences(
+    by: dict, method: str, reference: str, tasks, selection: str, metric=None
+) -> list[float]:
+    """Per seed that both sides ran on every task: the mean over the tasks of method −
+    reference (the paired difference of the task-averaged scores), in seed order."""
+    seeds = sorted({s for (m, _, s) in by if m == method})
+    return [
+        statistics.fmean(
+            score(by[(method, t, s)], selection, metric)
+            - score(by[(reference, t, s)], selection, metric)
+            for t in tasks
+        )
+        for s in seeds
+        if all((method, t, s) in by and (reference, t, s) in by for t in tasks)
+    ]
 
 
 def _summary(values: list[float]) -> dict[str, Any]:
@@ -404,10 +426,11 @@ def _paired_lines(summary: dict[str, Any], reference: str) -> list[str]:
         f"Paired difference to `{reference}` (same seed): mean [95% interval], paired t-test p "
         "Holm-corrected over the tasks, seeds won / n"
         + (" (won: lower)" if summary.get("lower_is_better") else "")
-        + ":",
+        + "; Avg.: per seed, the mean over the tasks (seeds with every task; one test, "
+        "uncorrected):",
         "",
-        "| method | " + " | ".join(tasks) + " |",
-        "|" + "---|" * (len(tasks) + 1),
+        "| method | " + " | ".join(tasks) + " | Avg. |",
+        "|" + "---|" * (len(tasks) + 2),
     ]
     digits = _digits(summary)
     for method, row in table.items():
@@ -415,6 +438,7 @@ def _paired_lines(summary: dict[str, Any], reference: str) -> list[str]:
             cells = [
                 _paired_cell(row[t].get(f"diff_vs_{reference}", {"n": 0}), digits) for t in tasks
             ]
+            cells.append(_paired_cell(row["average"].get(f"diff_vs_{reference}", {"n": 0}), digits))
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines
 
