@@ -282,3 +282,31 @@ def test_evaluation_at_start_is_the_untuned_model_and_stays_out_of_best(folders,
     assert len(results["epochs"]) == 1 and results["best"]["epoch"] == 1.0
     untuned = train(folders, tmp_path / "untuned", method="lora", epochs=1, learning_rate=1e-12)
     assert start["accuracy"] == pytest.approx(untuned["last"]["accuracy"])  # B = 0: base model
+
+
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_mixed_precision_trains_under_bf16_autocast_with_float32_adapters(
+    folders, tmp_path, monkeypatch, mixed_precision
+):
+    from safetensors.torch import load_file
+
+    seen = []  # was autocast on when a linear layer ran with gradients (training steps)?
+    forward = torch.nn.Linear.forward
+
+    def recording(self, x):
+        if torch.is_grad_enabled():
+            seen.append(torch.is_autocast_enabled("cpu"))
+        return forward(self, x)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", recording)
+    results = train(folders, tmp_path, method="lora", epochs=2, mixed_precision=mixed_precision)
+    assert results["config"]["mixed_precision"] == mixed_precision
+    assert seen and set(seen) == {mixed_precision == "bf16"}
+    assert results["train_losses"][-1] < results["train_losses"][0]
+    weights = load_file(tmp_path / "lora" / "adapter" / "adapter_model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.float32}  # master weights stay fp32
+
+
+def test_mixed_precision_is_checked():
+    with pytest.raises(ValueError, match="mixed_precision"):
+        TrainConfig(mixed_precision="fp8")

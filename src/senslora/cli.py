@@ -433,6 +433,7 @@ def train(
     seed: int = _train_option("seed"),
     device: str = _train_option("device"),
     dtype: str = _train_option("dtype"),
+    mixed_precision: str = _train_option("mixed_precision"),
     out: Path = typer.Option(..., help="Run folder: results.json, adapter/, allocation.json."),
     overwrite: bool = typer.Option(False, help="Redo a finished run."),
     verbose: bool = typer.Option(
@@ -484,6 +485,7 @@ def train(
             seed=seed,
             device=device,
             dtype=dtype,
+            mixed_precision=mixed_precision,
         )
         results = run_training(config, out, overwrite=overwrite, verbose=verbose)
     except USER_ERRORS as error:

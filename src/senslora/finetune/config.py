@@ -20,6 +20,7 @@ from senslora.finetune.tasks import parse_task_spec
 from senslora.models import DTYPES
 
 HYPERADALORA_INITS = ("uniform", "senslora")
+MIXED_PRECISION = ("no", "bf16")
 
 
 def option(default: Any, help: str) -> Any:
@@ -141,6 +142,12 @@ class TrainConfig:
     max_new_tokens: int = option(48, "Generation tasks: greedy decoding length on the dev set.")
     device: str = option("auto", "auto | cpu | cuda | cuda:N.")
     dtype: str = option("float32", " | ".join(DTYPES) + ".")
+    mixed_precision: str = option(
+        "no",
+        "no | bf16: train and evaluate under bfloat16 autocast while the weights and optimizer "
+        "state stay in --dtype (the Trainer's bf16), on a GPU or on a CPU with bfloat16 matrix "
+        "instructions (AVX512-BF16, AMX); --dtype bfloat16 on a GPU implies it.",
+    )
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, tuple(METHODS))
@@ -148,6 +155,7 @@ class TrainConfig:
         if self.budget is not None:
             check_choice("budget", self.budget, BUDGETS)
         check_choice("dtype", self.dtype, tuple(DTYPES))
+        check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         check_choice("hyperadalora_init", self.hyperadalora_init, HYPERADALORA_INITS)
         check_choice("pooling", self.pooling, ("model", "auto", *POOLINGS))
         parse_task_spec(self.task)

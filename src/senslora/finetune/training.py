@@ -321,7 +321,8 @@ def _training_arguments(
         report_to=[],
         label_names=["labels"],
         use_cpu=device.type == "cpu",
-        bf16=config.dtype == "bfloat16" and device.type == "cuda",
+        bf16=config.mixed_precision == "bf16"
+        or (config.dtype == "bfloat16" and device.type == "cuda"),
         dataloader_num_workers=0,
         remove_unused_columns=False,
         average_tokens_across_devices=token_loss,
