@@ -185,3 +185,40 @@ def test_write_summary_adds_a_table_per_further_metric(tmp_path):
     assert saved["main"]["table"]["lora"]["glue:rte"]["mean"] == pytest.approx(3.1)
     with pytest.raises(ValueError, match="also must be a list of metric names"):
         load_spec(write(tmp_path, SPEC.replace('metric = "nll"', "also = [1]")))
+
+
+def test_bench_status_counts_finished_running_and_left_runs_and_estimates_the_time(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from senslora.finetune.grid import LOCK, bench_status
+
+    spec = load_spec(write(tmp_path, SPEC))  # 3 rows x 1 task x 3 seeds
+    status = bench_status(spec)
+    assert (status["total"], status["finished"], len(status["to_do"])) == (9, 0, 9)
+    assert status["estimated_seconds_left"] is None  # nothing finished: no estimate
+
+    for seed, wall in ((0, 100.0), (1, 300.0)):
+        run_dir = spec.run_dir("glue:rte", "lora", seed)
+        run_dir.mkdir(parents=True)
+        (run_dir / "results.json").write_text(json.dumps({"wall_seconds": wall}))
+    held = spec.run_dir("glue:rte", "senslora", 0)
+    held.mkdir(parents=True)
+    (held / LOCK).write_text(str(os.getpid()))  # a live process runs it
+    dead = spec.run_dir("glue:rte", "senslora", 1)
+    dead.mkdir(parents=True)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    (dead / LOCK).write_text(gone)  # its process has exited: the run is still to do
+
+    status = bench_status(spec)
+    assert status["finished"] == 2
+    assert status["running"] == [["glue:rte", "senslora", 0, os.getpid()]]
+    assert ["glue:rte", "senslora", 1] in status["to_do"] and len(status["to_do"]) == 6
+    assert status["median_wall_seconds"] == {"glue:rte": 200.0}
+    assert status["estimated_seconds_left"] == 7 * 200.0

@@ -502,16 +502,24 @@ def train(
 def bench(
     spec: Path = typer.Argument(..., help="TOML spec: methods x tasks x seeds (see docs)."),
     only_summary: bool = typer.Option(False, help="Aggregate finished runs, run nothing."),
+    status: bool = typer.Option(
+        False,
+        help="Say how many runs are finished, running (in which process) and left, with the "
+        "time left estimated from the finished runs; run nothing.",
+    ),
     verbose: bool = typer.Option(
         False, help="Show the Trainer's own progress bars and logs and the libraries' warnings."
     ),
 ) -> None:
     """Run a methods x tasks x seeds grid (resumable) and write results.md / results.json."""
-    from senslora.finetune.grid import load_spec, run_bench, write_summary
+    from senslora.finetune.grid import bench_status, load_spec, run_bench, write_summary
     from senslora.finetune.training import run_training
 
     try:
         bench_spec = load_spec(spec)
+        if status:
+            _print_status(bench_status(bench_spec))
+            return
         if only_summary:
             write_summary(bench_spec)
         else:
@@ -523,6 +531,20 @@ def bench(
     except USER_ERRORS as error:
         fail(str(error))
     console.print((bench_spec.out / "results.md").read_text())
+
+
+def _print_status(status: dict) -> None:
+    console.print(
+        f"{status['finished']} of {status['total']} runs finished, {len(status['running'])} "
+        f"running, {len(status['to_do'])} to do"
+    )
+    for task, row, seed, pid in status["running"]:
+        console.print(f"  running: {task} / {row} / seed {seed} (process {pid})")
+    for task, seconds in status["median_wall_seconds"].items():
+        console.print(f"  {task}: {seconds / 60:.1f} min per finished run (median)")
+    left = status["estimated_seconds_left"]
+    if left is not None and left > 0:
+        console.print(f"about {left / 3600:.1f} h of runs left for one process")
 
 
 @app.command()

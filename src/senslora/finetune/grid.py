@@ -180,11 +180,7 @@ def claim(run_dir: Path) -> bool:
         try:
             handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and _alive(pid):
+            if _lock_holder(run_dir) is not None:
                 return False
             lock.unlink(missing_ok=True)  # its process died: take over
             continue
@@ -228,6 +224,49 @@ def run_bench(spec: BenchSpec, runner: Callable[[TrainConfig, Path], Any]) -> di
         write_summary(spec)
     write_summary(spec)
     return {"ran": done, "skipped": skipped, "busy": busy}
+
+
+def bench_status(spec: BenchSpec) -> dict[str, Any]:
+    """Where a grid stands: its runs ``finished``, ``running`` (a live process holds the lock:
+    ``[task, row, seed, pid]``) and ``to_do``; per task, the median wall seconds of its
+    finished runs; and ``estimated_seconds_left``: each unfinished run at its task's median
+    (None while a task with runs left has none finished), for one process."""
+    finished, running, to_do = 0, [], []
+    seconds: dict[str, list[float]] = {}
+    for task, method, seed in spec.runs():
+        run_dir = spec.run_dir(task, method, seed)
+        results = run_dir / "results.json"
+        if results.exists():
+            finished += 1
+            wall = json.loads(results.read_text()).get("wall_seconds")
+            if wall is not None:
+                seconds.setdefault(task, []).append(float(wall))
+            continue
+        pid = _lock_holder(run_dir)
+        if pid is not None:
+            running.append([task, method, seed, pid])
+        else:
+            to_do.append([task, method, seed])
+    medians = {task: statistics.median(values) for task, values in seconds.items()}
+    left = [task for task, _, _, _ in running] + [task for task, _, _ in to_do]
+    known = all(task in medians for task in left)
+    return {
+        "total": finished + len(running) + len(to_do),
+        "finished": finished,
+        "running": running,
+        "to_do": to_do,
+        "median_wall_seconds": medians,
+        "estimated_seconds_left": sum(medians[t] for t in left) if known else None,
+    }
+
+
+def _lock_holder(run_dir: Path) -> int | None:
+    """The pid of the live process that holds ``run_dir``'s lock, or None."""
+    try:
+        pid = int((run_dir / LOCK).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    return pid if pid and _alive(pid) else None
 
 
 def collect_results(spec: BenchSpec) -> list[dict[str, Any]]:
