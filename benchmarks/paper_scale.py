@@ -23,6 +23,7 @@ Peak device memory of each method is measured on one extra call after the timed 
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -32,6 +33,7 @@ from common import (
     head_share,
     interleaved,
     parse_args,
+    plain_forward,
     statistics_bytes,
     summarize,
     synchronize,
@@ -99,15 +101,8 @@ def random_batches(vocab_size: int, sequences: int, seq_len: int, batch_size: in
 
 
 def forward_fn(model, device: torch.device):
-    """One inference-mode forward pass over the batches, each moved to ``device`` first."""
-    from senslora.batches import to_device
-
-    def run(batches):
-        with torch.inference_mode():
-            for batch in batches:
-                model(**to_device(batch, device))
-
-    return run
+    """One inference-mode forward pass over the batches in the weights' dtype (no autocast)."""
+    return lambda batches: plain_forward(model, batches, device, None)
 
 
 def allocation_fn(model, device: torch.device, phases: list | None = None):
@@ -243,8 +238,6 @@ def main() -> None:
 
 
 def _median(values: list[float]) -> float | None:
-    import statistics
-
     return statistics.median(values) if values else None
 
 
