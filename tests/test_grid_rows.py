@@ -222,3 +222,13 @@ def test_bench_status_counts_finished_running_and_left_runs_and_estimates_the_ti
     assert ["glue:rte", "senslora", 1] in status["to_do"] and len(status["to_do"]) == 6
     assert status["median_wall_seconds"] == {"glue:rte": 200.0}
     assert status["estimated_seconds_left"] == 7 * 200.0
+
+
+def test_seeds_that_all_differ_by_the_same_amount_get_no_p_value():
+    # rougeL 0.20/0.21 for lora, 0.19/0.20 for the other row: both seeds differ by -1 point
+    results = [run("lora", 0, 3.0, 0.20), run("lora", 1, 3.0, 0.21)]
+    results += [run("senslora-filtered", 0, 3.0, 0.19), run("senslora-filtered", 1, 3.0, 0.20)]
+    summary = aggregate(results, ["lora", "senslora-filtered"], ["t"])
+    diff = summary["table"]["senslora-filtered"]["t"]["diff_vs_lora"]
+    assert diff["mean"] == pytest.approx(-1.0) and diff["p_holm"] is None
+    assert "-1.00, p n/a (no spread), 0/2" in render_markdown(summary)

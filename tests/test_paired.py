@@ -28,7 +28,10 @@ def test_paired_summary_edge_cases():
     one = paired_summary([1.5])
     assert (one["ci95"], one["p"], one["wins"]) == (None, None, 1)
     assert paired_summary([0.0, 0.0, 0.0])["p"] == 1.0
-    assert paired_summary([2.0, 2.0])["p"] == 0.0
+    same = paired_summary([2.0, 2.0])  # no spread: the t-test is undefined, not p = 0
+    assert (same["p"], same["ci95"], same["no_spread"]) == (None, None, True)
+    rounded = paired_summary([0.19 - 0.20, 0.20 - 0.21])  # unequal in the last float bit only
+    assert rounded["p"] is None and rounded["no_spread"]
 
 
 def test_holm_against_a_hand_computation():

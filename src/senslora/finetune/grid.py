@@ -497,6 +497,8 @@ def _paired_cell(stats: dict[str, Any], digits: int = 2) -> str:
         text += f" [{low:+.{digits}f}, {high:+.{digits}f}]"
     if stats.get("p_holm") is not None:
         text += f", p {stats['p_holm']:.3f}"
+    elif stats.get("no_spread"):
+        text += ", p n/a (no spread)"
     return text + f", {stats['wins']}/{stats['n']}"
 
 

@@ -14,8 +14,10 @@ def paired_summary(differences: Sequence[float], better: str = "higher") -> dict
     n, mean, std, the 95% t-interval of the mean (``ci95`` = [low, high]), the two-sided
     p-value of the paired t-test (the one-sample t-test of the differences against 0), and
     ``wins``: how many differences are > 0 (< 0 with ``better="lower"``, for a loss). With one
-    difference the interval and p are None;
-    with differences that are all equal p is 1.0 when they are 0, else 0.0."""
+    difference the interval and p are None. With differences that are all equal the t statistic
+    is undefined (0/0 or x/0): p is 1.0 when they are all 0, else None, with ``"no_spread":
+    True``: a few seeds that happen to differ by the same number of examples are not
+    evidence of anything (p 0 would claim certainty)."""
     from scipy import stats
 
     if better not in ("higher", "lower"):
@@ -29,9 +31,18 @@ def paired_summary(differences: Sequence[float], better: str = "higher") -> dict
     if n == 1:
         return {"n": 1, "mean": mean, "std": 0.0, "ci95": None, "p": None, "wins": wins}
     std = statistics.stdev(values)
-    if std == 0.0:
-        p = 1.0 if mean == 0.0 else 0.0
-        return {"n": n, "mean": mean, "std": 0.0, "ci95": [mean, mean], "p": p, "wins": wins}
+    if std <= 1e-9 * max(1.0, abs(mean)):  # equal up to float rounding (82.35 - 81.86, ...)
+        if abs(mean) <= 1e-12:
+            return {"n": n, "mean": 0.0, "std": 0.0, "ci95": [0.0, 0.0], "p": 1.0, "wins": wins}
+        return {
+            "n": n,
+            "mean": mean,
+            "std": 0.0,
+            "ci95": None,
+            "p": None,
+            "wins": wins,
+            "no_spread": True,
+        }
     half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
     p = float(stats.ttest_1samp(values, 0.0).pvalue)
     return {
