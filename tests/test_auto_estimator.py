@@ -106,6 +106,11 @@ def test_calibrate_defaults_to_auto_and_records_what_it_resolved_to():
 
 
 def test_allocate_on_a_causal_lm_folder_uses_the_fisher(tmp_path):
+    allocate_on_a_causal_lm_folder(tmp_path)
+
+
+def allocate_on_a_causal_lm_folder(tmp_path):
+    """Runs `senslora allocate` on a tiny Llama folder; returns the folder and the arguments."""
     from transformers import AutoTokenizer
     from typer.testing import CliRunner
 
@@ -130,3 +135,20 @@ def test_allocate_on_a_causal_lm_folder_uses_the_fisher(tmp_path):
     assert (provenance["estimator"], provenance["estimator_requested"]) == ("fisher", "auto")
     saved = json.loads((tmp_path / "out" / "allocation.json").read_text())
     assert saved["config"]["budget"] == "parameters"
+    return folder, args
+
+
+def test_allocate_warns_once_when_auto_falls_back(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import senslora.estimators as estimators
+    from senslora.cli import app
+
+    folder, args = allocate_on_a_causal_lm_folder(tmp_path)
+    monkeypatch.setattr(estimators, "available_memory_bytes", lambda device: 0)
+    with pytest.warns(UserWarning, match="the next-token Fisher needs about") as caught:
+        out = ["--device", "cpu", "--out", str(tmp_path / "fallback")]
+        result = CliRunner().invoke(app, [*args, *out])
+    assert result.exit_code == 0, result.output
+    assert "calibrating (activation)" in result.output
+    assert sum("next-token Fisher needs" in str(w.message) for w in caught) == 1

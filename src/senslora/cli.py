@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import typer
@@ -264,14 +265,16 @@ def _allocate(
     loaded = load_model(model_path, device=device, dtype=dtype, device_map=device_map)
     batches = calibration_batches(load_tokenizer(model_path), calibration)
     keep_gram = config.spectrum == "eigenvalues" or config.curvature == "inverse"
-    resolved = resolve_estimator(
-        estimator,
-        loaded,
-        find_target_modules(loaded, _target_spec(targets)),
-        skip_positions=skip_positions,
-        outlier_factor=outlier_factor,
-        keep_gram=keep_gram,
-    )
+    with warnings.catch_warnings():  # only the progress label: calibrate warns once, below
+        warnings.simplefilter("ignore")
+        resolved = resolve_estimator(
+            estimator,
+            loaded,
+            find_target_modules(loaded, _target_spec(targets)),
+            skip_positions=skip_positions,
+            outlier_factor=outlier_factor,
+            keep_gram=keep_gram,
+        )
     calibrated = calibrate(
         loaded,
         batches,
