@@ -7,8 +7,15 @@ from __future__ import annotations
 import os
 
 import pytest
+from scipy import stats
 
-from senslora.finetune.grid import aggregate, load_spec, render_markdown
+from senslora.finetune.grid import (
+    aggregate,
+    answer_questions,
+    load_spec,
+    render_markdown,
+    render_questions,
+)
 from senslora.finetune.paired import paired_summary
 
 SPEC = """
@@ -60,8 +67,19 @@ def test_a_row_is_a_method_with_its_own_fields(tmp_path):
         (lambda t: t.replace('"senslora-filtered"]', '"untuned"]'), "'untuned' is the name of"),
         (lambda t: t.replace('metric = "nll"', "metric = 3"), "metric must be a metric's name"),
         (lambda t: t.replace('method = "senslora"\n', 'method = "sens"\n'), "method must be one"),
+        (
+            lambda t: t + '[questions]\n"Better?" = ["senslora-filtered", "adalora"]\n',
+            r"question 'Better\?' needs two of the methods",
+        ),
     ],
-    ids=["row-without-method", "row-unknown-field", "reserved-name", "metric-type", "bad-method"],
+    ids=[
+        "row-without-method",
+        "row-unknown-field",
+        "reserved-name",
+        "metric-type",
+        "bad-method",
+        "question-method",
+    ],
 )
 def test_row_errors(tmp_path, edit, message):
     with pytest.raises(ValueError, match=message):
@@ -232,3 +250,44 @@ def test_seeds_that_all_differ_by_the_same_amount_get_no_p_value():
     diff = summary["table"]["senslora-filtered"]["t"]["diff_vs_lora"]
     assert diff["mean"] == pytest.approx(-1.0) and diff["p_holm"] is None
     assert "-1.00, p n/a (no spread), 0/2" in render_markdown(summary)
+
+
+def test_questions_are_answered_by_the_averaged_difference_holm_corrected_over_questions():
+    scores = {  # rougeL per seed on tasks a and b
+        "lora": ([0.50, 0.52, 0.51, 0.49], [0.60, 0.61, 0.59, 0.62]),
+        "big": ([0.60, 0.63, 0.60, 0.60], [0.70, 0.70, 0.71, 0.71]),  # ~ +10 points on both
+        "noisy": ([0.55, 0.47, 0.56, 0.45], [0.58, 0.66, 0.57, 0.64]),
+    }
+    results = []
+    for row, per_task in scores.items():
+        for task, values in zip("ab", per_task, strict=True):
+            for seed, value in enumerate(values):
+                result = run(row, seed, 3.0, value)
+                results.append({**result, "task": task})
+    questions = {"Big?": ("big", "lora"), "Noisy?": ("noisy", "lora"), "Lora?": ("lora", "big")}
+    answers = answer_questions(results, questions, ["a", "b"])
+    by = {a["question"]: a for a in answers}
+    averaged = {
+        q: [sum(100 * (scores[m][t][s] - scores[r][t][s]) for t in (0, 1)) / 2 for s in range(4)]
+        for q, (m, r) in questions.items()
+    }
+    raw = {q: stats.ttest_1samp(d, 0.0).pvalue for q, d in averaged.items()}
+    ordered = sorted(raw, key=raw.get)  # Holm by hand: 3, 2, 1 times the sorted p-values
+    expected = {}
+    for i, q in enumerate(ordered):
+        expected[q] = min(1.0, max([(3 - i) * raw[q]] + [expected[o] for o in ordered[:i]]))
+    for q in questions:
+        assert by[q]["average"]["p_holm"] == pytest.approx(expected[q])
+        assert by[q]["average"]["mean"] == pytest.approx(sum(averaged[q]) / 4)
+    assert by["Big?"]["answer"] == "yes: big beats lora (n = 4)"
+    assert by["Lora?"]["answer"] == "no: big beats lora (n = 4)"
+    assert by["Noisy?"]["answer"] == "no detectable difference (n = 4)"
+    assert by["Big?"]["tasks"]["a"]["wins"] == 4
+    text = render_questions(answers, ["a", "b"])
+    assert "| Big? (big vs lora) | yes: big beats lora (n = 4) |" in text
+
+
+def test_a_question_with_one_complete_seed_is_not_answered():
+    results = [run("lora", 0, 3.0, 0.2), run("senslora-filtered", 0, 3.0, 0.3)]
+    (entry,) = answer_questions(results, {"Q": ("senslora-filtered", "lora")}, ["t"])
+    assert entry["answer"] == "not answered: 1 seed(s) with every task"

@@ -23,6 +23,9 @@ A spec::
     metric = "nll"             # the table's metric (default: the task's main metric)
     also = ["rougeL", "bleu4"] # more tables, one per metric, in results.md and results.json
 
+    [questions]                # the study's questions: "does A beat B?", answered (`answer`)
+    "Does the sensitivity beat the size prior?" = ["senslora", "size-prior"]
+
 With ``eval_at_start = true`` the step-0 evaluation of the first reference (for LoRA-family
 methods, B = 0: the untuned model) becomes an extra ``untuned`` row.
 
@@ -59,6 +62,7 @@ SPEC_KEYS = {
     "rows",
     "metric",
     "also",
+    "questions",
 }
 LOWER_IS_BETTER = {"nll", "perplexity", "mse"}
 """Metrics where smaller is better; every other metric is reported in percent, higher better."""
@@ -83,6 +87,9 @@ class BenchSpec:
     """The tables' metric; None: each task's main metric."""
     also: tuple[str, ...] = ()
     """Further metrics, each with its own table (selection epoch only)."""
+    questions: dict[str, tuple[str, str]] | None = None
+    """``{question: (method, reference)}``: "does method beat reference?", answered by
+    `answer_questions` at the selection epoch and the spec's metric."""
 
     def run_dir(self, task: str, method: str, seed: int) -> Path:
         return self.out / task.replace(":", "-").replace("/", "_") / method / f"seed{seed}"
@@ -150,7 +157,14 @@ def load_spec(path: str | Path) -> BenchSpec:
         rows=rows,
         metric=data.get("metric"),
         also=tuple(data.get("also", ())),
+        questions={q: tuple(pair) for q, pair in data.get("questions", {}).items()},
     )
+    for question, pair in (spec.questions or {}).items():
+        if len(pair) != 2 or not all(name in spec.methods for name in pair):
+            raise ValueError(
+                f"{path}: question {question!r} needs two of the methods {spec.methods} "
+                f'(["method", "reference"]), got {list(pair)!r}'
+            )
     missing = [r for r in spec.references if r not in spec.methods]
     if missing:
         raise ValueError(f"{path}: references {missing} are not among the methods {spec.methods}")
@@ -343,7 +357,7 @@ def aggregate(
     if untuned:
         methods = [UNTUNED, *methods]
         results = untuned + results
-    by = {(r["row"], spec_task(r), r["config"]["seed"]): r for r in results}
+    by = _by_run(results)
     lower = metric in LOWER_IS_BETTER
     table: dict[str, dict[str, Any]] = {}
     for method in methods:
@@ -375,6 +389,86 @@ def aggregate(
         "references": list(references),
         "table": table,
     }
+
+
+def _by_run(results: list[dict[str, Any]]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """``{(row, task, seed): result}``; a result's row defaults to its method."""
+    return {(r.get("row", r["method"]), spec_task(r), r["config"]["seed"]): r for r in results}
+
+
+SIGNIFICANCE = 0.05
+"""The level of the questions' tests, after Holm's correction over the questions."""
+
+
+def answer_questions(
+    results: list[dict[str, Any]],
+    questions: dict[str, tuple[str, str]],
+    tasks,
+    selection: str = "last",
+    metric: str | None = None,
+) -> list[dict[str, Any]]:
+    """Each question "does method beat reference?" answered from the paired differences.
+
+    The test of a question is the paired t-test of the task-averaged difference (per seed that
+    both sides ran on every task, the mean over the tasks of method − reference), its p-value
+    Holm-corrected over the questions (the family). The answer is "yes" when the corrected p is
+    below `SIGNIFICANCE` and the mean difference favours the method, "no, the reverse" when it
+    favours the reference, "no detectable difference" otherwise, and "not answered" below two
+    such seeds. The per-task differences (Holm over the tasks) come with it."""
+    by = _by_run(results)
+    lower = metric in LOWER_IS_BETTER
+    answers = []
+    for question, (method, reference) in questions.items():
+        row: dict[str, Any] = {task: {} for task in tasks} | {"average": {}}
+        _compare(row, by, method, reference, tasks, selection, metric)
+        key = f"diff_vs_{reference}"
+        answers.append(
+            {
+                "question": question,
+                "method": method,
+                "reference": reference,
+                "tasks": {task: row[task][key] for task in tasks},
+                "average": row["average"][key],
+            }
+        )
+    adjusted = holm({str(i): a["average"]["p"] for i, a in enumerate(answers)})
+    for i, entry in enumerate(answers):
+        average = entry["average"]
+        average["p_holm"] = adjusted[str(i)]
+        entry["answer"] = _answer(entry["method"], entry["reference"], average, lower)
+    return answers
+
+
+def _answer(method: str, reference: str, average: dict[str, Any], lower: bool) -> str:
+    n, p = average["n"], average.get("p_holm")
+    if n < 2:
+        return f"not answered: {n} seed(s) with every task"
+    if p is None or p >= SIGNIFICANCE:
+        return f"no detectable difference (n = {n})"
+    favours_method = (average["mean"] < 0) if lower else (average["mean"] > 0)
+    winner, loser = (method, reference) if favours_method else (reference, method)
+    return f"{'yes' if favours_method else 'no'}: {winner} beats {loser} (n = {n})"
+
+
+def render_questions(answers: list[dict[str, Any]], tasks, digits: int = 2) -> str:
+    """The questions' table: the answer, the averaged difference and each task's."""
+    lines = [
+        "Each question compares two rows seed by seed (method − reference; per task: mean [95% "
+        "interval], p Holm-corrected over the tasks, seeds won / n). The answer tests the "
+        f"task-averaged difference, Holm-corrected over the {len(answers)} questions, at "
+        f"{SIGNIFICANCE}.",
+        "",
+        "| question | answer | Avg. | " + " | ".join(tasks) + " |",
+        "|" + "---|" * (len(tasks) + 3),
+    ]
+    for entry in answers:
+        cells = [_paired_cell(entry["average"], digits)]
+        cells += [_paired_cell(entry["tasks"][task], digits) for task in tasks]
+        pair = f"{entry['method']} vs {entry['reference']}"
+        lines.append(
+            f"| {entry['question']} ({pair}) | {entry['answer']} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _compare(
@@ -537,13 +631,23 @@ def write_summary(spec: BenchSpec) -> dict[str, Any]:
         name: aggregate(results, spec.methods, spec.tasks, spec.selection, spec.references, name)
         for name in spec.also
     }
-    write_text_atomic(
-        spec.out / "results.json",
-        json.dumps({"main": primary, **summaries, "also": extra}, indent=2) + "\n",
+    answers = answer_questions(
+        results, spec.questions or {}, spec.tasks, spec.selection, spec.metric
     )
+    document = {"main": primary, **summaries, "also": extra}
+    if answers:
+        document["questions"] = answers
+    write_text_atomic(spec.out / "results.json", json.dumps(document, indent=2) + "\n")
     other = "best" if spec.selection == "last" else "last"
+    asked = (
+        f"## Questions ({spec.selection} epoch)\n\n"
+        + render_questions(answers, spec.tasks, _digits(primary))
+        + "\n"
+        if answers
+        else ""
+    )
     text = (
-        f"# Results\n\n## Main table ({spec.selection} epoch)\n\n"
+        f"# Results\n\n{asked}## Main table ({spec.selection} epoch)\n\n"
         + render_markdown(primary)
         + "".join(
             f"\n## {name} ({spec.selection} epoch)\n\n" + render_markdown(summary)
