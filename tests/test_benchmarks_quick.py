@@ -214,3 +214,44 @@ def test_gpu_kit_holds_what_the_benchmarks_read_and_no_weights(tmp_path, monkeyp
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
     ).stdout.split()
     assert len(found) == 3 and all(Path(p).resolve().is_relative_to(kit.resolve()) for p in found)
+
+
+def test_plot_study_gives_the_paired_differences_seed_by_seed(tmp_path, monkeypatch):
+    spec = tmp_path / "spec.toml"
+    spec.write_text(
+        'out = "grid"\nmethods = ["lora", "senslora", "frozen"]\n'
+        'tasks = ["glue:rte", "glue:mrpc"]\nseeds = [0, 1]\n'
+    )
+    accuracy = {  # (row, task, seed) -> dev accuracy; senslora lacks mrpc seed 1
+        ("lora", "glue:rte", 0): 0.50,
+        ("lora", "glue:rte", 1): 0.52,
+        ("lora", "glue:mrpc", 0): 0.80,
+        ("lora", "glue:mrpc", 1): 0.81,
+        ("senslora", "glue:rte", 0): 0.53,
+        ("senslora", "glue:rte", 1): 0.51,
+        ("senslora", "glue:mrpc", 0): 0.79,
+        ("frozen", "glue:rte", 0): 0.40,
+    }
+    for (row, task, seed), value in accuracy.items():
+        folder = tmp_path / "grid" / task.replace(":", "-") / row / f"seed{seed}"
+        folder.mkdir(parents=True)
+        result = {
+            "method": row,
+            "task": task.split(":")[1],
+            "main_metric": "accuracy",
+            "config": {"seed": seed, "task": task},
+            "last": {"accuracy": value},
+            "best": {"accuracy": value},
+        }
+        (folder / "results.json").write_text(json.dumps(result))
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    out, table = tmp_path / "fig.png", tmp_path / "differences.json"
+    argv = ["plot_study.py", str(spec), "--out", str(out), "--json", str(table)]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(BENCHMARKS / "plot_study.py"), run_name="__main__")
+    data = json.loads(table.read_text())
+    assert out.stat().st_size > 0 and list(data["rows"]) == ["senslora"]  # frozen left out
+    senslora = data["rows"]["senslora"]
+    assert senslora["glue:rte"] == pytest.approx({"0": 3.0, "1": -1.0})
+    assert senslora["glue:mrpc"] == pytest.approx({"0": -1.0})
+    assert senslora["average"] == pytest.approx({"0": 1.0})  # seed 1 lacks a task
