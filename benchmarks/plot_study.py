@@ -22,8 +22,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from senslora.finetune.grid import collect_results, load_spec, score, spec_task  # noqa: E402
+from senslora.finetune.grid import collect_results, load_spec  # noqa: E402
 from senslora.finetune.paired import paired_summary  # noqa: E402
+from senslora.finetune.tables import score, spec_task  # noqa: E402
 
 AVERAGE = "average"
 

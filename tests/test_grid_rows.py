@@ -9,14 +9,14 @@ import os
 import pytest
 from scipy import stats
 
-from senslora.finetune.grid import (
+from senslora.finetune.grid import load_spec
+from senslora.finetune.paired import paired_summary
+from senslora.finetune.tables import (
     aggregate,
     answer_questions,
-    load_spec,
     render_markdown,
     render_questions,
 )
-from senslora.finetune.paired import paired_summary
 
 SPEC = """
 out = "grid"

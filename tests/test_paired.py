@@ -7,8 +7,8 @@ import math
 import pytest
 from scipy import stats
 
-from senslora.finetune.grid import aggregate, render_markdown
 from senslora.finetune.paired import holm, paired_summary
+from senslora.finetune.tables import aggregate, render_markdown
 
 
 def test_paired_summary_matches_scipy_on_the_differences():

@@ -208,7 +208,7 @@ def _bench_result(method: str, seed: int, parameters: dict[str, int]) -> dict:
 
 
 def test_bench_counts_the_hypernetwork_as_adapter_parameters():
-    from senslora.finetune.grid import adapter_parameters, aggregate
+    from senslora.finetune.tables import adapter_parameters, aggregate
 
     lora = _bench_result("lora", 0, {"lora": 100})
     hyper = _bench_result("hyperadalora", 0, {"lora": 0, "hypernetwork": 250})
@@ -220,7 +220,7 @@ def test_bench_counts_the_hypernetwork_as_adapter_parameters():
 
 def test_bench_table_gives_the_range_of_parameters_over_seeds():
     """An allocation depends on the seed's calibration sample: the count may differ by seed."""
-    from senslora.finetune.grid import aggregate, render_markdown
+    from senslora.finetune.tables import aggregate, render_markdown
 
     runs = [_bench_result("lora", s, {"lora": 1000}) for s in (0, 1)]
     runs += [

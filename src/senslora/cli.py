@@ -444,7 +444,7 @@ def train(
     ),
 ) -> None:
     """Fine-tune one method on one task and evaluate every epoch (or every --eval-steps)."""
-    from senslora.finetune.grid import adapter_parameters
+    from senslora.finetune.tables import adapter_parameters
     from senslora.finetune.training import run_training
 
     try:
