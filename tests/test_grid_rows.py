@@ -291,3 +291,16 @@ def test_a_question_with_one_complete_seed_is_not_answered():
     results = [run("lora", 0, 3.0, 0.2), run("senslora-filtered", 0, 3.0, 0.3)]
     (entry,) = answer_questions(results, {"Q": ("senslora-filtered", "lora")}, ["t"])
     assert entry["answer"] == "not answered: 1 seed(s) with every task"
+
+
+def test_the_table_names_the_stalled_runs_when_the_runs_were_checked():
+    checked = [
+        {**run("lora", 0, 3.0, 0.2), "stalled": False},
+        {**run("lora", 1, 3.0, 0.2), "stalled": True},
+        {**run("senslora-filtered", 0, 3.0, 0.2), "stalled": None},  # e.g. AdaLoRA: not checked
+    ]
+    summary = aggregate(checked, ["lora", "senslora-filtered"], ["t"])
+    assert summary["stalled"] == ["lora / t / seed 1"]
+    assert "2 of 3 runs checked): lora / t / seed 1." in render_markdown(summary)
+    unchecked = aggregate(RESULTS, ["lora", "senslora-filtered"], ["t"])  # older results.json
+    assert unchecked["stalled"] is None and "Stalled" not in render_markdown(unchecked)

@@ -89,6 +89,24 @@ def test_each_method_trains_and_reports(folders, tmp_path, method):
     assert results["last"] == epochs[-1]
     assert results["best"] == max(epochs, key=lambda row: row["accuracy"])
     assert [row["epoch"] for row in epochs] == [1.0, 2.0, 3.0, 4.0]
+    if method == "adalora":
+        assert results["stalled"] is None  # its loss carries the orthogonality regulariser
+    else:
+        assert isinstance(results["stalled"], bool)
+
+
+def test_a_run_that_learns_nothing_is_flagged_stalled_and_warns(folders, tmp_path):
+    labels = [
+        int(line.rsplit(",", 1)[1])
+        for line in (folders / "sentiment.csv").read_text().splitlines()[1:]
+    ]
+    share = sum(labels) / len(labels)
+    prior = -(share * math.log(share) + (1 - share) * math.log(1 - share))
+    with pytest.warns(UserWarning, match="it stalled"):
+        results = train(folders, tmp_path, learning_rate=1e-9, head_learning_rate=1e-9)
+    assert results["label_prior_loss"] == pytest.approx(prior)
+    assert results["stalled"] is True
+    assert results["train_losses"][-1] >= 0.98 * prior
 
 
 def test_senslora_keeps_the_rank_budget_of_lora(folders, tmp_path):
@@ -310,3 +328,21 @@ def test_mixed_precision_trains_under_bf16_autocast_with_float32_adapters(
 def test_mixed_precision_is_checked():
     with pytest.raises(ValueError, match="mixed_precision"):
         TrainConfig(mixed_precision="fp8")
+
+
+def test_stall_reading_of_the_training_loss():
+    from types import SimpleNamespace
+
+    from senslora.finetune.results import label_prior_loss, stalled
+
+    examples = [SimpleNamespace(label=y) for y in (0, 0, 0, 1)]
+    prior = label_prior_loss(SimpleNamespace(num_labels=2, train=examples))
+    assert prior == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    assert label_prior_loss(SimpleNamespace(num_labels=1, train=examples)) is None  # regression
+    assert label_prior_loss(SimpleNamespace(train=examples)) is None  # generation
+    # CoLA: prior 0.607; the stalled study run ended at 0.608, one that trained at 0.414
+    assert stalled([0.616, 0.608], 0.607) is True
+    assert stalled([0.607, 0.414], 0.607) is False
+    assert stalled([0.60, 0.594], 0.607) is False  # over 2% below the prior: learning has begun
+    assert stalled([0.60, 0.595], 0.607) is True  # within 2% (0.98 x 0.607 = 0.5949)
+    assert stalled([0.5], None) is None and stalled([], 0.607) is None

@@ -3,7 +3,9 @@ best and the last, timings and peak memory."""
 
 from __future__ import annotations
 
+import math
 import resource
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,10 +35,47 @@ def evaluations(log_history: list[dict]) -> list[dict[str, float]]:
     return rows
 
 
+STALL_TOLERANCE = 0.02
+"""A classification run has stalled when its last logged training loss is within this fraction
+of the label prior's loss (`label_prior_loss`)."""
+
+
+def label_prior_loss(task) -> float | None:
+    """The cross-entropy (nats) of predicting the training labels' frequencies for every example,
+    i.e. their entropy: the loss of a classifier that has learnt nothing but the label prior
+    (0.607 on CoLA, 0.693 on RTE). None for regression and generation."""
+    if getattr(task, "num_labels", 1) < 2:
+        return None
+    counts = Counter(int(example.label) for example in task.train)
+    total = sum(counts.values())
+    return -sum(c / total * math.log(c / total) for c in counts.values())
+
+
+def stalled(train_losses: list[float], prior_loss: float | None) -> bool | None:
+    """Whether the last logged training loss is still within `STALL_TOLERANCE` of the label
+    prior's loss (None where that is undefined: regression and generation; a run of a method
+    whose loss carries a regulariser, `Method.regularised_loss`, is not checked)."""
+    if prior_loss is None or not train_losses:
+        return None
+    return train_losses[-1] >= (1.0 - STALL_TOLERANCE) * prior_loss
+
+
+def stall_message(results: dict) -> str:
+    return (
+        f"{results['method']} on {results['task']}: the training loss ended at "
+        f"{results['train_losses'][-1]:.3f} nats, the label prior's is "
+        f"{results['label_prior_loss']:.3f}: the model has learnt nothing beyond the label "
+        "frequencies (it stalled). A lower learning rate usually trains: on CoLA, 2e-3 stalls "
+        "and 1e-3 trains (docs/results.md)."
+    )
+
+
 def run_results(config, run: LoadedRun, history, method, prepared, timings, resumed) -> dict:
     """``history``: the Trainer's log history (with the step-0 evaluation first, if any)."""
     peft_model, task = prepared.model, run.task
     evals = evaluations(history)
+    train_losses = [e["loss"] for e in history if "loss" in e]
+    prior_loss = label_prior_loss(task)
     # the epochs, best and last are those of the training; a step-0 evaluation stays in evals
     epochs = [{k: v for k, v in row.items() if k != "step"} for row in evals if row["step"] > 0]
     main = main_key(task, epochs)
@@ -72,7 +111,9 @@ def run_results(config, run: LoadedRun, history, method, prepared, timings, resu
         "ranks": ranks,
         "epochs": epochs,
         "evals": evals,
-        "train_losses": [e["loss"] for e in history if "loss" in e],
+        "train_losses": train_losses,
+        "label_prior_loss": prior_loss,
+        "stalled": None if method.regularised_loss else stalled(train_losses, prior_loss),
         "best": best,
         "last": epochs[-1] if epochs else None,
         "train_seconds": round(timings["train"], 2),

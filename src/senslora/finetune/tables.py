@@ -101,7 +101,15 @@ def aggregate(
             if method != reference:
                 _compare(row, by, method, reference, tasks, selection, metric)
         table[method] = row
+    runs = [key for key in by if key[0] != UNTUNED]
+    checked = [key for key in runs if by[key].get("stalled") is not None]
     return {
+        "stalled": (
+            sorted(f"{m} / {t} / seed {s}" for (m, t, s) in checked if by[(m, t, s)]["stalled"])
+            if checked
+            else None
+        ),
+        "stall_checked": [len(checked), len(runs)],
         "selection": selection,
         "metric": metric or "main",
         "lower_is_better": lower,
@@ -269,6 +277,17 @@ def render_markdown(summary: dict[str, Any]) -> str:
             )
             + " |"
         )
+    if summary.get("stalled") is not None:
+        from senslora.finetune.results import STALL_TOLERANCE
+
+        lines += [
+            "",
+            f"Stalled runs (the last training loss within {STALL_TOLERANCE:.0%} of the label "
+            "prior's: nothing learnt beyond the label frequencies; "
+            f"{summary['stall_checked'][0]} of {summary['stall_checked'][1]} runs checked): "
+            + (", ".join(summary["stalled"]) or "none")
+            + ".",
+        ]
     for reference in summary.get("references", ["lora"]):
         lines += _paired_lines(summary, reference)
     return "\n".join(lines) + "\n"

@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ from senslora.finetune.generation import GenerationTrainer
 from senslora.finetune.heads import fit_target_stats, load_classifier, optimizer_groups
 from senslora.finetune.methods import METHODS, RunContext, target_names
 from senslora.finetune.progress import RichProgress, quiet_libraries
-from senslora.finetune.results import run_results
+from senslora.finetune.results import run_results, stall_message
 from senslora.finetune.tasks import load_task
 from senslora.models import load_model, load_tokenizer, resolve_device, resolve_model_path
 from senslora.pipeline import Calibration
@@ -123,6 +124,8 @@ def _train(config: TrainConfig, out_dir: Path, progress: bool, verbose: bool) ->
     timings = {"wall": time.perf_counter() - start, "train": time.perf_counter() - train_start}
     history = ([start_eval] if start_eval else []) + trainer.state.log_history
     results = run_results(config, run, history, method, prepared, timings, resume)
+    if results["stalled"]:
+        warnings.warn(stall_message(results), stacklevel=2)
     if trainer.is_world_process_zero():
         method.finalize(prepared)
         method.save(prepared, out_dir / "adapter")

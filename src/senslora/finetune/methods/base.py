@@ -74,6 +74,9 @@ class Method:
     name: ClassVar[str]
     checkpoints: ClassVar[bool] = True
     """Whether the Trainer's checkpoints hold all of its trained state (resumable)."""
+    regularised_loss: ClassVar[bool] = False
+    """Whether its training loss carries a regulariser (AdaLoRA's orthogonality term): such a
+    loss is not comparable with the label prior's, so no stall is read from it."""
 
     def prepare(self, model: nn.Module, ctx: RunContext) -> Prepared:
         raise NotImplementedError

@@ -87,6 +87,7 @@ def adalora_schedule(total_steps: int) -> dict[str, int]:
 
 class AdaLora(Method):
     name = "adalora"
+    regularised_loss = True
 
     def prepare(self, model, ctx):
         config, base = ctx.config, ctx.lora_config()
@@ -117,6 +118,7 @@ class HyperAdaLoraMethod(Method):
     replaced by the hypernetwork's generated factors."""
 
     name = "hyperadalora"
+    regularised_loss = True
     checkpoints = False  # the hypernetwork is not part of a peft checkpoint: a rerun restarts
 
     def prepare(self, model, ctx):
