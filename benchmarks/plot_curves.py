@@ -30,7 +30,9 @@ def read_curves(folders: list[Path]) -> list[dict]:
             points = [(row["epoch"], 100.0 * row[key]) for row in result["evals"] if key in row]
             curves.append(
                 {
-                    "label": f"{folder.name} {result['method']} seed {result['config']['seed']}",
+                    # the run's row (its folder: "lora-lr1e-3"), not only its method
+                    "label": f"{folder.name} {path.parent.parent.name} "
+                    f"seed {result['config']['seed']}",
                     "task": result["task"],
                     "metric": key,
                     "points": points,
