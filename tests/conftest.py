@@ -72,6 +72,17 @@ def missing_asset(reason: str):
     pytest.skip(reason)
 
 
+def resize_with_distinct_rows(model, vocab_size: int, seed: int = 0) -> None:
+    """``model.resize_token_embeddings(vocab_size)`` with every row drawn at random: the resize
+    gives all new rows (every real word of a tokenizer larger than the tiny vocabulary) nearly
+    the same mean embedding, and a model that cannot tell its words apart learns nothing."""
+    model.resize_token_embeddings(vocab_size)
+    generator = torch.Generator().manual_seed(seed)
+    embeddings = model.get_input_embeddings().weight
+    with torch.no_grad():
+        embeddings.copy_(0.5 * torch.randn(embeddings.shape, generator=generator))
+
+
 def save_tiny_bert_with_minilm_tokenizer(folder):
     """A tiny random BERT with the shipped MiniLM tokenizer, saved as a local HF folder (for the
     CLI); skips the test (fails in CI) when the MiniLM package is not installed."""
