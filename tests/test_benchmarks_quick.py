@@ -157,6 +157,13 @@ def test_plot_curves_reads_every_evaluation_of_the_finished_runs(tmp_path, monke
     flat = [value for point in curves[1]["points"] for value in point]
     assert flat == pytest.approx([0.0, 40.0, 1.0, 55.0, 2.0, 65.0, 3.0, 60.0])
     assert out.stat().st_size > 0
+    argv = ["plot_curves", str(folder), "--mean", "--out", str(out), "--json", str(table)]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(BENCHMARKS / "plot_curves.py"), run_name="__main__")
+    (mean,) = json.loads(table.read_text())
+    assert mean["label"] == "lr5e-4 lora (mean of seeds 0, 1)" and mean["seeds"] == 2
+    flat = [value for point in mean["points"] for value in point]
+    assert flat == pytest.approx([0.0, 40.0, 1.0, 52.5, 2.0, 62.5, 3.0, 65.0])
 
 
 def test_paper_scale_quick(tmp_path, monkeypatch):
