@@ -14,7 +14,6 @@ import os
 import random
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,7 +124,7 @@ def _train(config: TrainConfig, out_dir: Path, progress: bool, verbose: bool) ->
     history = ([start_eval] if start_eval else []) + trainer.state.log_history
     results = run_results(config, run, history, method, prepared, timings, resume)
     if results["stalled"]:
-        warnings.warn(stall_message(results), stacklevel=2)
+        logger.warning(stall_message(results))
     if trainer.is_world_process_zero():
         method.finalize(prepared)
         method.save(prepared, out_dir / "adapter")
