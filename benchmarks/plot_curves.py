@@ -31,11 +31,14 @@ def read_curves(folders: list[Path]) -> list[dict]:
             result = json.loads(path.read_text())
             key = result["main_metric"]
             points = [(row["epoch"], 100.0 * row[key]) for row in result["evals"] if key in row]
+            # the run's row (its folder: "lora-lr1e-3"), not only its method
+            name = f"{folder.name} {path.parent.parent.name}"
+            seed = result["config"]["seed"]
             curves.append(
                 {
-                    # the run's row (its folder: "lora-lr1e-3"), not only its method
-                    "label": f"{folder.name} {path.parent.parent.name} "
-                    f"seed {result['config']['seed']}",
+                    "label": f"{name} seed {seed}",
+                    "name": name,
+                    "seed": seed,
                     "task": result["task"],
                     "metric": key,
                     "points": points,
@@ -51,19 +54,19 @@ def mean_curves(curves: list[dict]) -> list[dict]:
     reached."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for curve in curves:
-        base = curve["label"].rsplit(" seed ", 1)[0]
-        groups.setdefault((base, curve["task"]), []).append(curve)
+        groups.setdefault((curve["name"], curve["task"]), []).append(curve)
     means = []
-    for (base, task), members in groups.items():
+    for (name, task), members in groups.items():
         epochs = sorted(set.intersection(*({e for e, _ in c["points"]} for c in members)))
         points = [
             (epoch, sum(dict(c["points"])[epoch] for c in members) / len(members))
             for epoch in epochs
         ]
-        seeds = ", ".join(c["label"].rsplit(" seed ", 1)[1] for c in members)
+        seeds = ", ".join(str(c["seed"]) for c in members)
         means.append(
             {
-                "label": f"{base} (mean of seeds {seeds})",
+                "label": f"{name} (mean of seeds {seeds})",
+                "name": name,
                 "task": task,
                 "metric": members[0]["metric"],
                 "points": points,
@@ -78,13 +81,13 @@ def plot(curves: list[dict], out: Path) -> None:
     below the panels, one colour per line name across the panels (the seeds of a mean are then
     in the JSON, not the legend)."""
     tasks = sorted({c["task"] for c in curves})
-    names = list(dict.fromkeys(c["label"].split(" (mean of")[0] for c in curves))
+    names = list(dict.fromkeys(c["name"] for c in curves))
     shared = max(sum(c["task"] == t for c in curves) for t in tasks) > 4
     colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         for curve in (c for c in curves if c["task"] == task):
-            name = curve["label"].split(" (mean of")[0]
+            name = curve["name"]
             epochs, values = zip(*curve["points"], strict=True) if curve["points"] else ((), ())
             label = name if shared else curve["label"]
             ax.plot(epochs, values, "o-", label=label, color=colours[name] if shared else None)

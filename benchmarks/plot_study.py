@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import matplotlib
@@ -24,7 +23,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from senslora.finetune.grid import collect_results, load_spec  # noqa: E402
 from senslora.finetune.paired import paired_summary  # noqa: E402
-from senslora.finetune.tables import score, spec_task  # noqa: E402
+from senslora.finetune.tables import (  # noqa: E402
+    average_differences,
+    by_run,
+    seed_differences,
+)
 
 AVERAGE = "average"
 
@@ -32,31 +35,22 @@ AVERAGE = "average"
 def differences(spec_path: Path, reference: str | None = None, leave_out=("frozen",)) -> dict:
     """``{"reference", "tasks", "rows": {row: {task or "average": {seed: difference}}}}``, in
     points (percent), at the spec's selection epoch and metric; the average over the tasks only
-    for seeds with every task on both sides."""
+    for seeds with every task on both sides (`tables.average_differences`, what the questions
+    test)."""
     spec = load_spec(spec_path)
     reference = reference or spec.references[0]
-    by = {(r["row"], spec_task(r), r["config"]["seed"]): r for r in collect_results(spec)}
-
-    def value(row: str, task: str, seed: int) -> float | None:
-        run = by.get((row, task, seed))
-        return None if run is None else score(run, spec.selection, spec.metric)
-
+    by = by_run(collect_results(spec))
     rows: dict[str, dict[str, dict[int, float]]] = {}
     for row in spec.methods:
         if row == reference or row in leave_out:
             continue
-        per_task: dict[str, dict[int, float]] = {}
-        for task in spec.tasks:
-            per_task[task] = {
-                seed: value(row, task, seed) - value(reference, task, seed)
-                for seed in spec.seeds
-                if value(row, task, seed) is not None and value(reference, task, seed) is not None
-            }
-        complete = [s for s in spec.seeds if all(s in per_task[t] for t in spec.tasks)]
-        per_task[AVERAGE] = {
-            s: statistics.fmean(per_task[t][s] for t in spec.tasks) for s in complete
+        rows[row] = {
+            task: seed_differences(by, row, reference, task, spec.selection, spec.metric)
+            for task in spec.tasks
         }
-        rows[row] = per_task
+        rows[row][AVERAGE] = average_differences(
+            by, row, reference, spec.tasks, spec.selection, spec.metric
+        )
     return {
         "spec": str(spec_path),
         "reference": reference,

@@ -78,7 +78,7 @@ def aggregate(
     if untuned:
         methods = [UNTUNED, *methods]
         results = untuned + results
-    by = _by_run(results)
+    by = by_run(results)
     lower = metric in LOWER_IS_BETTER
     table: dict[str, dict[str, Any]] = {}
     for method in methods:
@@ -101,15 +101,15 @@ def aggregate(
             if method != reference:
                 _compare(row, by, method, reference, tasks, selection, metric)
         table[method] = row
-    runs = [key for key in by if key[0] != UNTUNED]
-    checked = [key for key in runs if by[key].get("stalled") is not None]
+    trained = [key for key in by if key[0] != UNTUNED]
+    checked = [key for key in trained if by[key].get("stalled") is not None]
     return {
         "stalled": (
             sorted(f"{m} / {t} / seed {s}" for (m, t, s) in checked if by[(m, t, s)]["stalled"])
             if checked
             else None
         ),
-        "stall_checked": [len(checked), len(runs)],
+        "stall_checked": [len(checked), len(trained)],
         "selection": selection,
         "metric": metric or "main",
         "lower_is_better": lower,
@@ -120,7 +120,7 @@ def aggregate(
     }
 
 
-def _by_run(results: list[dict[str, Any]]) -> dict[tuple[str, str, int], dict[str, Any]]:
+def by_run(results: list[dict[str, Any]]) -> dict[tuple[str, str, int], dict[str, Any]]:
     """``{(row, task, seed): result}``; a result's row defaults to its method."""
     return {(r.get("row", r["method"]), spec_task(r), r["config"]["seed"]): r for r in results}
 
@@ -144,7 +144,7 @@ def answer_questions(
     below `SIGNIFICANCE` and the mean difference favours the method, "no, the reverse" when it
     favours the reference, "no detectable difference" otherwise, and "not answered" below two
     such seeds. The per-task differences (Holm over the tasks) come with it."""
-    by = _by_run(results)
+    by = by_run(results)
     lower = metric in LOWER_IS_BETTER
     answers = []
     for question, (method, reference) in questions.items():
@@ -181,7 +181,7 @@ def _answer(method: str, reference: str, average: dict[str, Any], lower: bool) -
 
 def render_questions(answers: list[dict[str, Any]], tasks, lower_is_better: bool = False) -> str:
     """The questions' table: the answer, the averaged difference and each task's."""
-    digits = _digits({"lower_is_better": lower_is_better})
+    digits = _digits(lower_is_better)
     lines = [
         "Each question compares two rows seed by seed (method − reference; per task: mean [95% "
         "interval], p Holm-corrected over the tasks, seeds won / n). The answer tests the "
@@ -206,40 +206,38 @@ def _compare(
 ) -> None:
     """``row[task]["diff_vs_<reference>"]`` for every task, Holm-corrected over the tasks."""
     key = f"diff_vs_{reference}"
+    better = "lower" if metric in LOWER_IS_BETTER else "higher"
     for task in tasks:
-        diffs = [
-            score(r, selection, metric) - score(by[(reference, task, s)], selection, metric)
-            for (m, t, s), r in sorted(by.items(), key=lambda item: item[0][2])
-            if m == method and t == task and (reference, task, s) in by
-        ]
-        row[task][key] = paired_summary(
-            diffs, better="lower" if metric in LOWER_IS_BETTER else "higher"
-        )
+        diffs = seed_differences(by, method, reference, task, selection, metric)
+        row[task][key] = paired_summary(list(diffs.values()), better=better)
     adjusted = holm({task: row[task][key]["p"] for task in tasks})
     for task in tasks:
         row[task][key]["p_holm"] = adjusted[task]
-    row["average"][key] = paired_summary(
-        _average_differences(by, method, reference, tasks, selection, metric),
-        better="lower" if metric in LOWER_IS_BETTER else "higher",
-    )
+    averaged = average_differences(by, method, reference, tasks, selection, metric)
+    row["average"][key] = paired_summary(list(averaged.values()), better=better)
     row["average"][key]["p_holm"] = row["average"][key]["p"]  # a family of one test
 
 
-def _average_differences(
+def seed_differences(
+    by: dict, method: str, reference: str, task: str, selection: str, metric=None
+) -> dict[int, float]:
+    """``{seed: method − reference}`` on one task, for every seed both ran, in seed order
+    (``by``: `by_run`)."""
+    return {
+        s: score(r, selection, metric) - score(by[(reference, task, s)], selection, metric)
+        for (m, t, s), r in sorted(by.items(), key=lambda item: item[0][2])
+        if m == method and t == task and (reference, task, s) in by
+    }
+
+
+def average_differences(
     by: dict, method: str, reference: str, tasks, selection: str, metric=None
-) -> list[float]:
-    """Per seed that both sides ran on every task: the mean over the tasks of method −
-    reference (the paired difference of the task-averaged scores), in seed order."""
-    seeds = sorted({s for (m, _, s) in by if m == method})
-    return [
-        statistics.fmean(
-            score(by[(method, t, s)], selection, metric)
-            - score(by[(reference, t, s)], selection, metric)
-            for t in tasks
-        )
-        for s in seeds
-        if all((method, t, s) in by and (reference, t, s) in by for t in tasks)
-    ]
+) -> dict[int, float]:
+    """``{seed: the mean over the tasks of method − reference}`` for every seed that both sides
+    ran on every task (the paired difference of the task-averaged scores), in seed order."""
+    per_task = [seed_differences(by, method, reference, t, selection, metric) for t in tasks]
+    seeds = sorted(set.intersection(*(set(d) for d in per_task))) if per_task else []
+    return {s: statistics.fmean(d[s] for d in per_task) for s in seeds}
 
 
 def _summary(values: list[float]) -> dict[str, Any]:
@@ -262,7 +260,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
         head,
         "|" + "---|" * (len(tasks) + 3),
     ]
-    digits = _digits(summary)
+    digits = _digits(summary.get("lower_is_better", False))
     for method, row in table.items():
         cells = [_cell(row[t], digits=digits) for t in tasks]
         average = row["average"]["mean"]
@@ -306,7 +304,7 @@ def _paired_lines(summary: dict[str, Any], reference: str) -> list[str]:
         "| method | " + " | ".join(tasks) + " | Avg. |",
         "|" + "---|" * (len(tasks) + 2),
     ]
-    digits = _digits(summary)
+    digits = _digits(summary.get("lower_is_better", False))
     for method, row in table.items():
         if method not in (reference, UNTUNED):
             cells = [
@@ -317,10 +315,10 @@ def _paired_lines(summary: dict[str, Any], reference: str) -> list[str]:
     return lines
 
 
-def _digits(summary: dict[str, Any]) -> int:
+def _digits(lower_is_better: bool) -> int:
     """Decimals of a table's cells: a loss differs in the third digit, a percentage in the
     second."""
-    return 3 if summary.get("lower_is_better") else 2
+    return 3 if lower_is_better else 2
 
 
 def _paired_cell(stats: dict[str, Any], digits: int = 2) -> str:

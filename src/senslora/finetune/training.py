@@ -123,9 +123,9 @@ def _train(config: TrainConfig, out_dir: Path, progress: bool, verbose: bool) ->
     timings = {"wall": time.perf_counter() - start, "train": time.perf_counter() - train_start}
     history = ([start_eval] if start_eval else []) + trainer.state.log_history
     results = run_results(config, run, history, method, prepared, timings, resume)
-    if results["stalled"]:
-        logger.warning(stall_message(results))
     if trainer.is_world_process_zero():
+        if results["stalled"]:  # once, not once per process
+            logger.warning(stall_message(results))
         method.finalize(prepared)
         method.save(prepared, out_dir / "adapter")
         write_text_atomic(out_dir / RESULTS, json.dumps(results, indent=2) + "\n")
