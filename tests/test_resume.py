@@ -96,3 +96,48 @@ def test_an_interrupted_run_resumes_with_its_allocation_and_ends_like_an_uninter
     assert sorted(weights) == sorted(reference_weights)
     for name, weight in reference_weights.items():
         torch.testing.assert_close(weights[name], weight, rtol=0, atol=1e-6)
+
+
+class RecordSaves(TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_save(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+def test_adalora_saves_no_checkpoint_and_restarts_over_an_old_one(
+    folders,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    caplog,
+):
+    """peft saves AdaLoRA cut to its rank pattern, which the initial-rank model cannot load: an
+    AdaLoRA run keeps no checkpoint, and one left by an older version is cleared, not loaded."""
+    run_dir = tmp_path / "adalora"
+    old = run_dir / "checkpoints" / "checkpoint-6"
+    old.mkdir(parents=True)
+    (old / "adapter_config.json").write_text("{}\n")
+    saves = RecordSaves()
+    monkeypatch.setitem(
+        training.METHODS, "adalora", WithCallback(training.METHODS["adalora"], saves)
+    )
+    config = TrainConfig(
+        method="adalora",
+        task=f"csv:{folders / 'sentiment.csv'}",
+        model=str(folders / "bert"),
+        avg_rank=2,
+        epochs=2,
+        batch_size=16,
+        learning_rate=5e-3,
+        device="cpu",
+        max_length=32,
+    )
+    with caplog.at_level("WARNING", logger="senslora"):
+        results = training.run_training(config, run_dir, progress=False)
+
+    assert results["resumed"] is False
+    assert [e["epoch"] for e in results["epochs"]] == [1.0, 2.0]
+    assert saves.steps == []
+    assert not (run_dir / "checkpoints").exists()
+    assert "adalora cannot resume from a checkpoint" in caplog.text

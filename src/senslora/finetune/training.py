@@ -102,6 +102,21 @@ def run_training(
         raise
 
 
+def _resumable(checkpoints: Path, method) -> bool:
+    """Whether the run resumes from a checkpoint. A method whose checkpoints cannot be resumed
+    restarts: checkpoints left by an older version are removed (with a warning)."""
+    found = any(checkpoints.glob("checkpoint-*"))
+    if found and not method.checkpoints:
+        logger.warning(
+            "%s cannot resume from a checkpoint; removing %s and training from the start",
+            method.name,
+            checkpoints,
+        )
+        shutil.rmtree(checkpoints)
+        return False
+    return found
+
+
 def _train(config: TrainConfig, out_dir: Path, progress: bool, verbose: bool) -> dict:
     start = time.perf_counter()
     set_seed(config.seed)
@@ -114,7 +129,7 @@ def _train(config: TrainConfig, out_dir: Path, progress: bool, verbose: bool) ->
         prepared.allocation.save(str(saved))
     trainer = _trainer(config, run, prepared, method, out_dir)
     _show_progress(trainer, config, run, progress, verbose)
-    resume = any((out_dir / "checkpoints").glob("checkpoint-*"))
+    resume = _resumable(out_dir / "checkpoints", method)
     start_eval = None  # step 0: for LoRA-family methods (B = 0) the untuned model
     if config.eval_at_start and not resume:
         start_eval = {**trainer.evaluate(), "step": 0, "epoch": 0.0}

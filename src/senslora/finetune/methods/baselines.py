@@ -88,6 +88,9 @@ def adalora_schedule(total_steps: int) -> dict[str, int]:
 class AdaLora(Method):
     name = "adalora"
     regularised_loss = True
+    # peft saves an AdaLoRA adapter cut to its rank pattern and without the rank allocator's
+    # importance scores: the Trainer cannot load it back into the initial-rank model
+    checkpoints = False
 
     def prepare(self, model, ctx):
         config, base = ctx.config, ctx.lora_config()
