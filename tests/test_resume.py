@@ -141,3 +141,44 @@ def test_adalora_saves_no_checkpoint_and_restarts_over_an_old_one(
     assert saves.steps == []
     assert not (run_dir / "checkpoints").exists()
     assert "adalora cannot resume from a checkpoint" in caplog.text
+
+
+RESUMABLE = sorted(name for name, method in training.METHODS.items() if method.checkpoints)
+
+
+@pytest.mark.slow  # one interrupted and one resumed run of 6 steps per method
+@pytest.mark.parametrize("name", RESUMABLE)
+def test_every_method_that_keeps_checkpoints_resumes_from_one(
+    name,
+    folders,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    """A method's ``checkpoints = True`` is a promise that the Trainer can load its checkpoint
+    back into the model the method prepares (AdaLoRA broke it: see the test above)."""
+    config = TrainConfig(
+        method=name,
+        task=f"csv:{folders / 'sentiment.csv'}",
+        model=str(folders / "bert"),
+        avg_rank=2,
+        epochs=2,
+        batch_size=16,
+        learning_rate=5e-3,
+        train_limit=48,
+        calib_samples=8,
+        calib_seq_len=16,
+        device="cpu",
+        max_length=32,
+    )
+    run_dir = tmp_path / name
+    method = training.METHODS[name]
+    with monkeypatch.context() as patch:
+        patch.setitem(training.METHODS, name, WithCallback(method, InterruptAfterFirstCheckpoint()))
+        with pytest.raises(Interrupted, match="step 3"):
+            training.run_training(config, run_dir, progress=False)
+    counter = CountSteps()
+    monkeypatch.setitem(training.METHODS, name, WithCallback(method, counter))
+    resumed = training.run_training(config, run_dir, progress=False)
+    assert resumed["resumed"] is True
+    assert counter.steps == [4, 5, 6]
+    assert [e["epoch"] for e in resumed["epochs"]] == [1.0, 2.0]
