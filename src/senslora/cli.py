@@ -68,7 +68,7 @@ def allocate(
     ),
     calib: str = typer.Option(
         "wikipedia",
-        help="Calibration text: 'wikipedia' (built-in, 107 real articles), 'rotten_tomatoes', a "
+        help="Calibration text: 'wikipedia' (built-in, 106 real articles), 'rotten_tomatoes', a "
         "local .txt/.jsonl/.csv/.tsv/.parquet file, or a Hugging Face dataset NAME[:CONFIG].",
     ),
     out: Path = typer.Option(
