@@ -4,8 +4,10 @@ best and the last, timings and peak memory."""
 from __future__ import annotations
 
 import math
+import re
 import resource
 from collections import Counter
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -70,7 +72,16 @@ def stall_message(results: dict) -> str:
     )
 
 
-def run_results(config, run: LoadedRun, history, method, prepared, timings, resumed) -> dict:
+def run_results(
+    config,
+    run: LoadedRun,
+    history,
+    method,
+    prepared,
+    timings,
+    resumed,
+    memory_scope: str = "process",
+) -> dict:
     """``history``: the Trainer's log history (with the step-0 evaluation first, if any)."""
     peft_model, task = prepared.model, run.task
     evals = evaluations(history)
@@ -119,6 +130,7 @@ def run_results(config, run: LoadedRun, history, method, prepared, timings, resu
         "train_seconds": round(timings["train"], 2),
         "wall_seconds": round(timings["wall"], 2),
         "peak_memory_mb": peak_memory_mb(),
+        "peak_memory_scope": memory_scope,  # "run", or "process": its high-water mark
         "resumed": resumed,
         "device": str(resolve_device(config.device)),
         "versions": {"senslora": __version__, "torch": torch.__version__},
@@ -135,7 +147,38 @@ def main_key(task, epochs: list[dict]) -> str:
     raise KeyError(f"main metric {task.main_metric!r} missing from {sorted(epochs[0])}")
 
 
+_PROC = Path("/proc/self")
+
+
+def reset_peak_memory() -> str:
+    """Start a run's peak-memory window, so that a process running several runs (a bench grid,
+    the demo) does not report an earlier run's peak. Returns the scope `peak_memory_mb` will
+    measure: ``"run"``, or ``"process"`` where the CPU peak cannot be reset (no Linux /proc):
+    the process's high-water mark since it started, an upper bound of the run's."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return "run"
+    try:  # Linux: writing 5 resets the peak resident set size (VmHWM)
+        (_PROC / "clear_refs").write_text("5")
+    except OSError:
+        return "process"
+    return "run" if _vm_hwm_kib() is not None else "process"
+
+
 def peak_memory_mb() -> float:
+    """Peak memory in MiB since `reset_peak_memory`: on a GPU every live tensor of the process
+    (`torch.cuda.max_memory_allocated`), on the CPU the process's peak resident set."""
     if torch.cuda.is_available():
         return round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    kib = _vm_hwm_kib()
+    if kib is None:
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return round(kib / 1024, 1)
+
+
+def _vm_hwm_kib() -> int | None:
+    try:
+        found = re.search(r"^VmHWM:\s+(\d+) kB", (_PROC / "status").read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(found.group(1)) if found else None

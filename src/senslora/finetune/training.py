@@ -45,7 +45,7 @@ from senslora.finetune.generation import GenerationTrainer
 from senslora.finetune.heads import fit_target_stats, load_classifier, optimizer_groups
 from senslora.finetune.methods import METHODS, RunContext, target_names
 from senslora.finetune.progress import RichProgress, quiet_libraries
-from senslora.finetune.results import run_results, stall_message
+from senslora.finetune.results import reset_peak_memory, run_results, stall_message
 from senslora.finetune.tasks import load_task
 from senslora.models import load_model, load_tokenizer, resolve_device, resolve_model_path
 from senslora.pipeline import Calibration
@@ -119,6 +119,7 @@ def _resumable(checkpoints: Path, method) -> bool:
 
 def _train(config: TrainConfig, out_dir: Path, progress: bool, verbose: bool) -> dict:
     start = time.perf_counter()
+    memory_scope = reset_peak_memory()
     set_seed(config.seed)
     run = load_run(config)
     method = METHODS[config.method]
@@ -137,7 +138,9 @@ def _train(config: TrainConfig, out_dir: Path, progress: bool, verbose: bool) ->
     trainer.train(resume_from_checkpoint=True if resume else None)
     timings = {"wall": time.perf_counter() - start, "train": time.perf_counter() - train_start}
     history = ([start_eval] if start_eval else []) + trainer.state.log_history
-    results = run_results(config, run, history, method, prepared, timings, resume)
+    results = run_results(
+        config, run, history, method, prepared, timings, resume, memory_scope=memory_scope
+    )
     if trainer.is_world_process_zero():
         if results["stalled"]:  # once, not once per process
             logger.warning(stall_message(results))
