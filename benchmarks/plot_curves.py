@@ -5,9 +5,10 @@ one line per run folder, from the committed results.json files (the protocol swe
         [--mean]
 
 Each RESULTS_DIR is a `senslora bench` out folder (``<task>/<method>/seed<k>/results.json``); the
-line's label is the folder's name and the run's row and seed. ``--json`` also writes the
-curves as a table (what the figure shows, for the docs). ``--mean`` draws one line per row: the
-mean over its seeds at each epoch (the seeds listed in the label), for a grid with many seeds.
+line's label is the run's row and seed, after the folder's name where there are several folders.
+``--json`` also writes the curves as a table (what the figure shows, for the docs). ``--mean``
+draws one line per row: the mean over its seeds at each epoch (the seeds listed in the label),
+for a grid with many seeds.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ def read_curves(folders: list[Path]) -> list[dict]:
             result = json.loads(path.read_text())
             key = result["main_metric"]
             points = [(row["epoch"], 100.0 * row[key]) for row in result["evals"] if key in row]
-            # the run's row (its folder: "lora-lr1e-3"), not only its method
-            name = f"{folder.name} {path.parent.parent.name}"
+            # the run's row (its folder: "lora-lr1e-3"), not only its method; the bench folder
+            # too where several are drawn together
+            row = path.parent.parent.name
+            name = f"{folder.name} {row}" if len(folders) > 1 else row
             seed = result["config"]["seed"]
             curves.append(
                 {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
@@ -153,7 +154,7 @@ def test_plot_curves_reads_every_evaluation_of_the_finished_runs(tmp_path, monke
     )
     runpy.run_path(str(BENCHMARKS / "plot_curves.py"), run_name="__main__")
     curves = json.loads(table.read_text())
-    assert [c["label"] for c in curves] == ["lr5e-4 lora seed 0", "lr5e-4 lora seed 1"]
+    assert [c["label"] for c in curves] == ["lora seed 0", "lora seed 1"]  # one folder: rows
     flat = [value for point in curves[1]["points"] for value in point]
     assert flat == pytest.approx([0.0, 40.0, 1.0, 55.0, 2.0, 65.0, 3.0, 60.0])
     assert out.stat().st_size > 0
@@ -161,9 +162,15 @@ def test_plot_curves_reads_every_evaluation_of_the_finished_runs(tmp_path, monke
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(BENCHMARKS / "plot_curves.py"), run_name="__main__")
     (mean,) = json.loads(table.read_text())
-    assert mean["label"] == "lr5e-4 lora (mean of seeds 0, 1)" and mean["seeds"] == 2
+    assert mean["label"] == "lora (mean of seeds 0, 1)" and mean["seeds"] == 2
     flat = [value for point in mean["points"] for value in point]
     assert flat == pytest.approx([0.0, 40.0, 1.0, 52.5, 2.0, 62.5, 3.0, 65.0])
+    other = tmp_path / "lr2e-3"  # several folders: each line names its folder
+    shutil.copytree(folder / "glue-rte" / "lora" / "seed0", other / "glue-rte" / "lora" / "seed0")
+    monkeypatch.setattr(sys, "argv", [*argv[:2], str(other), *argv[2:]])
+    runpy.run_path(str(BENCHMARKS / "plot_curves.py"), run_name="__main__")
+    labels = [c["label"] for c in json.loads(table.read_text())]
+    assert labels == ["lr5e-4 lora (mean of seeds 0, 1)", "lr2e-3 lora (mean of seeds 0)"]
 
 
 def test_paper_scale_quick(tmp_path, monkeypatch):
