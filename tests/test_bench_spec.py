@@ -3,6 +3,8 @@ valid spec resolves its paths from its own folder and validates every run before
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from senslora.finetune.grid import load_spec
@@ -77,3 +79,14 @@ def test_spec_errors(tmp_path, edit, message):
 def test_a_missing_spec(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"bench spec .*nope.toml does not exist"):
         load_spec(tmp_path / "nope.toml")
+
+
+SHIPPED = sorted((Path(__file__).resolve().parent.parent / "benchmarks").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_spec_loads_and_validates_each_run(path):
+    """A spec with a typo (a field, a method, a question's row) fails here, not hours into a grid:
+    `load_spec` builds the TrainConfig of every run."""
+    spec = load_spec(path)
+    assert spec.methods and spec.tasks and spec.seeds
