@@ -34,20 +34,11 @@ class CountSteps(TrainerCallback):
         self.steps.append(state.global_step)
 
 
-def adapter_weights(run_dir) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
-
-
-@pytest.mark.slow  # three runs of 3 or 6 steps (see SHORT in test_cli_train.py)
-def test_an_interrupted_run_resumes_with_its_allocation_and_ends_like_an_uninterrupted_one(
-    folders,  # noqa: F811
-    tmp_path,
-    monkeypatch,
-):
-    config = TrainConfig(
-        method="senslora",
-        task=f"csv:{folders / 'sentiment.csv'}",
-        model=str(folders / "bert"),
+def short_config(root, method: str, **options) -> TrainConfig:
+    """Two epochs of 3 steps (48 examples in batches of 16) on the tiny BERT."""
+    defaults = dict(
+        task=f"csv:{root / 'sentiment.csv'}",
+        model=str(root / "bert"),
         avg_rank=2,
         epochs=2,
         batch_size=16,
@@ -58,6 +49,20 @@ def test_an_interrupted_run_resumes_with_its_allocation_and_ends_like_an_uninter
         device="cpu",
         max_length=32,
     )
+    return TrainConfig(method=method, **{**defaults, **options})
+
+
+def adapter_weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.slow  # three runs of 3 or 6 steps (see SHORT in test_cli_train.py)
+def test_an_interrupted_run_resumes_with_its_allocation_and_ends_like_an_uninterrupted_one(
+    folders,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    config = short_config(folders, "senslora")
     whole = training.run_training(config, tmp_path / "whole", progress=False)
     assert whole["resumed"] is False
 
@@ -122,17 +127,7 @@ def test_adalora_saves_no_checkpoint_and_restarts_over_an_old_one(
     monkeypatch.setitem(
         training.METHODS, "adalora", WithCallback(training.METHODS["adalora"], saves)
     )
-    config = TrainConfig(
-        method="adalora",
-        task=f"csv:{folders / 'sentiment.csv'}",
-        model=str(folders / "bert"),
-        avg_rank=2,
-        epochs=2,
-        batch_size=16,
-        learning_rate=5e-3,
-        device="cpu",
-        max_length=32,
-    )
+    config = short_config(folders, "adalora", train_limit=None)  # 96 examples: 6 steps
     with caplog.at_level("WARNING", logger="senslora"):
         results = training.run_training(config, run_dir, progress=False)
 
@@ -156,20 +151,7 @@ def test_every_method_that_keeps_checkpoints_resumes_from_one(
 ):
     """A method's ``checkpoints = True`` is a promise that the Trainer can load its checkpoint
     back into the model the method prepares (AdaLoRA broke it: see the test above)."""
-    config = TrainConfig(
-        method=name,
-        task=f"csv:{folders / 'sentiment.csv'}",
-        model=str(folders / "bert"),
-        avg_rank=2,
-        epochs=2,
-        batch_size=16,
-        learning_rate=5e-3,
-        train_limit=48,
-        calib_samples=8,
-        calib_seq_len=16,
-        device="cpu",
-        max_length=32,
-    )
+    config = short_config(folders, name)
     run_dir = tmp_path / name
     method = training.METHODS[name]
     with monkeypatch.context() as patch:
