@@ -85,15 +85,16 @@ def wide_bert(folders, tmp_path_factory):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def glue_run(wide_bert, tmp_path_factory):
-    """One senslora run with --glue-dir, the limits, --calib task, --learning-rate and
-    --budget parameters: each test below checks one of them."""
+    """One senslora run with --glue-dir, the limits, --calib task (read by the activation
+    estimator), --learning-rate and --budget parameters: each test below checks one of them."""
     root = tmp_path_factory.mktemp("glue-run")
     write_sst2(root / "glue", random.Random(1))
     out = root / "run"
     code, output, saved = train(
         "--method", "senslora", "--task", "glue:sst2", "--glue-dir", root / "glue",
         "--model", wide_bert, "--train-limit", 24, "--dev-limit", 8, "--calib", "task",
-        "--learning-rate", 3e-3, "--budget", "parameters", *TINY, "--out", out,
+        "--estimator", "activation", "--learning-rate", 3e-3, "--budget", "parameters", *TINY,
+        "--out", out,
     )  # fmt: skip
     assert code == 0, output
     return saved, load_allocation(out / "allocation.json")
@@ -196,7 +197,8 @@ NEW_METHODS = ("size-prior", "shuffled", "lora-matched", "senslora-fisher")
 @pytest.fixture(scope="module")
 def method_runs(folders, wide_bert, tmp_path_factory):  # noqa: F811
     """One epoch of each new method on the same model, task, calibration and seed; the size
-    prior with calibration made to fail (it must not calibrate)."""
+    prior with calibration made to fail (it must not calibrate). The study's rows: the
+    activation statistics on the calibration text, except senslora-fisher."""
     root = tmp_path_factory.mktemp("methods")
 
     def no_calibration(*args, **kwargs):
@@ -209,7 +211,7 @@ def method_runs(folders, wide_bert, tmp_path_factory):  # noqa: F811
                 patch.setattr(sensitivity, "allocate_model", no_calibration)
             code, output, saved = train(
                 "--method", method, "--task", f"csv:{folders / 'sentiment.csv'}", "--model",
-                wide_bert, *TINY, *SHORT, "--out", root / method,
+                wide_bert, "--estimator", "activation", *TINY, *SHORT, "--out", root / method,
             )  # fmt: skip
         runs[method] = (code, output, saved, root / method)
     return runs

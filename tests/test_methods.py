@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import tiny_bert, token_batches
+from conftest import tiny_bert, tiny_llama, token_batches
 
 from senslora.controls import matched_uniform_rank
 from senslora.finetune.config import TrainConfig
@@ -94,9 +94,30 @@ def test_senslora_fisher_calibrates_on_the_labelled_examples():
     assert provenance["estimator"] == "fisher"
     assert provenance["calibration"] == "the task's labelled training examples"
     assert provenance["num_sequences"] == 8
-    activation = prepared("senslora", budget="parameters").allocation
+    activation = prepared("senslora", budget="parameters", estimator="activation").allocation
+    assert activation.provenance["estimator"] == "activation"
     thetas = [m["theta"] for m in result.allocation.metrics.values()]
     assert thetas != [m["theta"] for m in activation.metrics.values()]
+
+
+def test_auto_reads_the_task_fisher_on_a_classifier_unless_the_activation_is_needed():
+    fisher = prepared("senslora-fisher").allocation
+    default = prepared("senslora").allocation  # estimator 'auto'
+    assert default.provenance["estimator"] == "fisher"
+    assert default.provenance["calibration"] == "the task's labelled training examples"
+    assert default.ranks == fisher.ranks
+    assert [m["theta"] for m in default.metrics.values()] == [
+        m["theta"] for m in fisher.metrics.values()
+    ]
+    # what only the activation statistics give keeps auto on them, on the calibration text
+    for method, options in (
+        ("senslora-inverse", {}),
+        ("senslora", {"skip_positions": 1}),
+        ("senslora", {"outlier_factor": 10.0}),
+    ):
+        allocation = prepared(method, **options).allocation
+        assert allocation.provenance["estimator"] == "activation", (method, options)
+        assert allocation.provenance["calibration"] != "the task's labelled training examples"
 
 
 def test_token_filters_reach_the_statistics_and_the_provenance():
@@ -137,3 +158,27 @@ def test_senslora_inverse_reads_the_inverse_curvature():
     default = prepared("senslora", budget="parameters").allocation
     traces = [m["trace"] for m in result.allocation.metrics.values()]
     assert traces != [m["trace"] for m in default.metrics.values()]
+
+
+def test_auto_on_a_causal_lm_stays_the_next_token_fisher_on_the_calibration_text():
+    def no_labels():
+        raise AssertionError("a causal LM's auto must not read the labelled examples")
+
+    result = prepare_model(
+        tiny_llama(),
+        TrainConfig(method="senslora", avg_rank=3),
+        task_type="CAUSAL_LM",
+        calibration_batches=lambda: token_batches(num_batches=2, batch=2, length=9),
+        train_batches=no_labels,
+        labelled_batches=no_labels,
+        total_steps=10,
+    )
+    assert result.allocation.provenance["estimator"] == "fisher"
+
+
+def test_auto_on_a_classifier_says_that_an_explicit_calibration_is_not_read(caplog):
+    with caplog.at_level("WARNING", logger="senslora.finetune.methods"):
+        allocation = prepared("senslora", calib="rotten_tomatoes").allocation
+    assert allocation.provenance["estimator"] == "fisher"
+    assert "calib='rotten_tomatoes' is not read" in caplog.text
+    assert "estimator='activation'" in caplog.text

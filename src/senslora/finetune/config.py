@@ -87,15 +87,18 @@ class TrainConfig:
     dev_limit: int | None = option(None, "Fixed subset of this many dev examples.")
     calib: str = option(
         "wikipedia",
-        "Calibration text of the sensitivity methods: wikipedia, rotten_tomatoes, a local file, "
-        "a hub dataset, or 'task' (the task's own training texts).",
+        "Calibration text of the activation statistics and of a causal LM's next-token Fisher: "
+        "wikipedia, rotten_tomatoes, a local file, a hub dataset, or 'task' (the task's own "
+        "training texts). A classifier's auto estimator reads labelled training examples instead.",
     )
     calib_samples: int = option(128, "Calibration sequences (sensitivity methods).")
     calib_seq_len: int = option(128, "Max tokens per calibration sequence.")
     estimator: str = option(
         DEFAULT_ESTIMATOR,
-        " | ".join(ESTIMATORS) + " (sensitivity methods; auto: fisher with the next-token loss "
-        "for a causal LM, activation otherwise).",
+        " | ".join(ESTIMATORS) + " (sensitivity methods; auto: for a classifier, the Fisher of "
+        "calib-samples labelled training examples; for a causal LM, the Fisher of the next-token "
+        "loss on the calibration text; activation: the paper's statistics, on the calibration "
+        "text; docs/method.md).",
     )
     skip_positions: int = option(
         0,

@@ -1,6 +1,6 @@
 """`senslora demo`: the whole pipeline on the built-in default, end to end, on a CPU.
 
-Allocation on the Wikipedia sample with the shipped MiniLM, then uniform LoRA, Sensitivity-LoRA
+Uniform LoRA, Sensitivity-LoRA (its default statistics: the Fisher of the task's labelled examples)
 and its control, the size prior (ranks from the matrix shapes alone), all at most uniform LoRA's
 parameter count (the paper's A.2), fine-tuned on the built-in rotten_tomatoes task (a fixed
 training subset), evaluated on its fixed dev split, compared in a table, with the rank plot and a
@@ -68,7 +68,7 @@ def run_demo(
             dataclasses.replace(base, method=method), run_dir, overwrite=overwrite, verbose=verbose
         )
     allocation = load_allocation(out / "senslora" / "allocation.json")
-    console.print(rank_table(allocation, title="Sensitivity-LoRA ranks (Wikipedia calibration)"))
+    console.print(rank_table(allocation, title=f"Sensitivity-LoRA ranks ({_source(allocation)})"))
     plot_ranks({"combined": allocation}, out / "ranks.png")
     table, report = comparison(results)
     console.print(table)
@@ -111,6 +111,12 @@ def comparison(results: dict[str, dict]) -> tuple[Table, str]:
         "![ranks](ranks.png)",
     ]
     return table, "\n".join(lines) + "\n"
+
+
+def _source(allocation) -> str:
+    """What the allocation measured: its estimator and calibration, from its provenance."""
+    provenance = allocation.provenance
+    return f"{provenance.get('estimator', '?')} on {provenance.get('calibration', '?')}"
 
 
 def _sizes(num_dev: dict[str, int]) -> str:

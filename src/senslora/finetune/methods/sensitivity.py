@@ -43,8 +43,8 @@ class Sensitivity(Method):
     name: str = "senslora"
     variant: tuple[tuple[str, Any], ...] = ()
     estimator: str | None = None
-    """None: ``config.estimator`` on ``config.calib``; 'fisher': the Fisher of the labelled
-    training examples (the task's own loss)."""
+    """None: ``config.estimator`` (`task_fisher` says what 'auto' reads); 'fisher': the Fisher of
+    the labelled training examples (the task's own loss)."""
 
     def allocation_config(self, config: TrainConfig, **overrides: Any) -> AllocationConfig:
         fields = {"avg_rank": config.avg_rank, "max_rank": config.max_rank, "budget": config.budget}
@@ -54,12 +54,19 @@ class Sensitivity(Method):
         """The allocation of this variant (``overrides``: AllocationConfig fields)."""
         if ctx.saved_allocation is not None:
             return ctx.saved_allocation
-        labelled = self.estimator is not None
+        config = self.allocation_config(ctx.config, **overrides)
+        labelled = task_fisher(self.estimator, ctx, config)
+        if labelled and self.estimator is None and ctx.config.calib != _default("calib", ctx):
+            logger.warning(
+                "calib=%r is not read: the estimator 'auto' of a classifier reads the task's "
+                "labelled training examples; pass estimator='activation' to calibrate on it",
+                ctx.config.calib,
+            )
         allocation = allocate_model(
             model,
             ctx.labelled_batches() if labelled else ctx.calibration_batches(),
-            self.allocation_config(ctx.config, **overrides),
-            estimator=self.estimator or ctx.config.estimator,
+            config,
+            estimator="fisher" if labelled else self.estimator or ctx.config.estimator,
             targets=ctx.targets,
             seed=ctx.config.seed,
             skip_positions=0 if labelled else ctx.config.skip_positions,
@@ -78,6 +85,33 @@ class Sensitivity(Method):
 
     def prepare(self, model, ctx):
         return apply_allocation_to(model, ctx, self.allocate(model, ctx))
+
+
+def _default(field: str, ctx: RunContext) -> Any:
+    """The run config's default value of ``field``."""
+    return next(f.default for f in dataclasses.fields(ctx.config) if f.name == field)
+
+
+def task_fisher(estimator: str | None, ctx: RunContext, config: AllocationConfig) -> bool:
+    """Whether a sensitivity method reads the Fisher of the task's labelled training examples.
+
+    Yes when the method asks for it (``estimator='fisher'``, `senslora-fisher`), and when the
+    run's estimator is 'auto' on a classification task, unless the run asks for what only the
+    activation statistics give (token filters, the Gram matrix of ``curvature='inverse'`` or
+    ``spectrum='eigenvalues'``). Why 'auto' means the task's Fisher there: in the equal-parameter
+    study no allocation beats uniform LoRA, and the activation statistics are the furthest behind
+    it (docs/method.md, "The default for fine-tuning an encoder"). A causal LM's 'auto' stays the
+    next-token Fisher on the calibration text (`senslora.estimators.resolve_estimator`)."""
+    if estimator is not None:
+        return estimator == "fisher"
+    run = ctx.config
+    activation_only = (
+        bool(run.skip_positions)
+        or run.outlier_factor is not None
+        or config.curvature == "inverse"
+        or config.spectrum == "eigenvalues"
+    )
+    return run.estimator == "auto" and ctx.task_type == "SEQ_CLS" and not activation_only
 
 
 class LoraMatched(Method):
