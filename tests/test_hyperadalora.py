@@ -24,6 +24,7 @@ def prepared(total_steps: int = TOTAL_STEPS, **options):
         task_type="SEQ_CLS",
         calibration_batches=lambda: token_batches(num_batches=2, batch=4, length=9),
         train_batches=lambda: token_batches(),
+        labelled_batches=lambda: token_batches(num_batches=2, batch=4, length=9, labels=True),
         total_steps=total_steps,
     )
 

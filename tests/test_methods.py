@@ -182,3 +182,15 @@ def test_auto_on_a_classifier_says_that_an_explicit_calibration_is_not_read(capl
     assert allocation.provenance["estimator"] == "fisher"
     assert "calib='rotten_tomatoes' is not read" in caplog.text
     assert "estimator='activation'" in caplog.text
+
+
+def test_auto_on_a_classifier_without_labelled_batches_says_what_to_pass():
+    with pytest.raises(ValueError, match="no labelled batches were given"):
+        prepare_model(
+            tiny_bert(),
+            TrainConfig(method="senslora", avg_rank=3),
+            task_type="SEQ_CLS",
+            calibration_batches=lambda: token_batches(num_batches=2, batch=4, length=9),
+            train_batches=list,
+            total_steps=10,
+        )

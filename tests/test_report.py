@@ -84,7 +84,9 @@ def test_training_allocation_logs_the_note(caplog, monkeypatch):
         )
     monkeypatch.setattr(pipeline, "collect_statistics", lambda *args, **kwargs: stats)
     context = RunContext(
-        config=TrainConfig(method="senslora", task="rotten_tomatoes", avg_rank=4),
+        config=TrainConfig(
+            method="senslora", task="rotten_tomatoes", avg_rank=4, estimator="activation"
+        ),
         task_type="SEQ_CLS",
         targets=list(stats),
         total_steps=10,

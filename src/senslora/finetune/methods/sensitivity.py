@@ -62,9 +62,17 @@ class Sensitivity(Method):
                 "labelled training examples; pass estimator='activation' to calibrate on it",
                 ctx.config.calib,
             )
+        batches = ctx.labelled_batches() if labelled else ctx.calibration_batches()
+        if labelled and not batches:
+            raise ValueError(
+                f"the {self.name} method reads the Fisher of the task's labelled training "
+                f"examples (estimator={self.estimator or ctx.config.estimator!r} on a "
+                "classifier), and no labelled batches were given: pass labelled_batches, or "
+                "estimator='activation' to calibrate on the calibration batches"
+            )
         allocation = allocate_model(
             model,
-            ctx.labelled_batches() if labelled else ctx.calibration_batches(),
+            batches,
             config,
             estimator="fisher" if labelled else self.estimator or ctx.config.estimator,
             targets=ctx.targets,
