@@ -3,6 +3,7 @@ report an earlier run's peak for a later one."""
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import pytest
@@ -14,24 +15,35 @@ from senslora.finetune.results import peak_memory_mb, reset_peak_memory
 LINUX_PROC = Path("/proc/self/clear_refs").exists() and not torch.cuda.is_available()
 
 
+def resident(mib: int) -> mmap.mmap:
+    """`mib` MiB of anonymous memory with every page touched. Mapped by the test itself, so that
+    closing it returns the pages to the system at once (a tensor's memory goes back through the
+    allocator, which may keep it)."""
+    block = mmap.mmap(-1, mib * 2**20)
+    chunk = b"\x01" * 2**20
+    for _ in range(mib):
+        block.write(chunk)
+    return block
+
+
 @pytest.mark.skipif(not LINUX_PROC, reason="the CPU peak is reset through Linux's /proc")
 def test_reset_forgets_a_peak_reached_before_it():
-    big = torch.ones(2**27, dtype=torch.uint8)  # 128 MiB, every page touched
+    big = resident(128)
     before = peak_memory_mb()
-    del big  # a large block goes back to the system at once
+    big.close()
     assert reset_peak_memory() == "run"
     after = peak_memory_mb()
     assert after < before - 100
-    again = torch.ones(2**27, dtype=torch.uint8)
+    again = resident(128)
     assert peak_memory_mb() > after + 100  # and it still measures what comes after
-    del again
+    again.close()
 
 
 @pytest.mark.skipif(not LINUX_PROC, reason="the CPU peak is reset through Linux's /proc")
 def test_a_run_after_a_bigger_one_reports_its_own_peak(folders, tmp_path):  # noqa: F811
-    ballast = torch.ones(2**29, dtype=torch.uint8)  # 512 MiB: far above the tiny run's needs
+    ballast = resident(512)  # far above the tiny run's needs
     high_water = peak_memory_mb()
-    del ballast
+    ballast.close()
     results = train(folders, tmp_path, method="lora", epochs=1)
     assert results["peak_memory_scope"] == "run"
     assert results["peak_memory_mb"] < high_water - 256
