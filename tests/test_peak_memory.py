@@ -11,7 +11,12 @@ import pytest
 import torch
 from test_training import folders, train  # noqa: F401  (fixture: tiny model folders, task files)
 
-from senslora.finetune.results import _malloc_trim, peak_memory_mb, reset_peak_memory
+from senslora.finetune.results import (
+    _malloc_trim,
+    peak_memory_mb,
+    release_memory,
+    reset_peak_memory,
+)
 
 LINUX_PROC = Path("/proc/self/clear_refs").exists() and not torch.cuda.is_available()
 
@@ -60,7 +65,9 @@ def _resident_mib() -> float:
 )
 def test_reset_returns_what_the_allocator_kept_from_an_earlier_run():
     # 128 MiB in 64 KiB blocks from the C heap, each followed by a small block that stays alive:
-    # freeing the large ones leaves holes the allocator keeps, as after a training run.
+    # freeing the large ones leaves holes the allocator keeps, as after a training run. The free
+    # memory earlier tests left behind goes back first, so that the blocks need new pages.
+    release_memory()
     start = _resident_mib()
     blocks, keepers = [], []
     for i in range(2048):
