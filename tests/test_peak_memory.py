@@ -4,19 +4,15 @@ report an earlier run's peak for a later one."""
 from __future__ import annotations
 
 import mmap
-import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from test_training import folders, train  # noqa: F401  (fixture: tiny model folders, task files)
 
-from senslora.finetune.results import (
-    _malloc_trim,
-    peak_memory_mb,
-    release_memory,
-    reset_peak_memory,
-)
+from senslora.finetune.results import _malloc_trim, peak_memory_mb, reset_peak_memory
 
 LINUX_PROC = Path("/proc/self/clear_refs").exists() and not torch.cuda.is_available()
 
@@ -55,28 +51,41 @@ def test_a_run_after_a_bigger_one_reports_its_own_peak(folders, tmp_path):  # no
     assert results["peak_memory_mb"] < high_water - 256
 
 
-def _resident_mib() -> float:
+# Run in a fresh interpreter: in the test process the heap already holds whatever earlier tests
+# freed, and new blocks would land there instead of on new pages.
+ALLOCATOR_SCENARIO = """
+import re
+from pathlib import Path
+from senslora.finetune.results import peak_memory_mb, reset_peak_memory
+
+def resident():
     status = Path("/proc/self/status").read_text()
-    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE).group(1)) / 1024
+    return int(re.search(r"^VmRSS:\\s+(\\d+) kB", status, re.MULTILINE).group(1)) / 1024
+
+# 128 MiB in 64 KiB blocks from the C heap, each followed by a small block that stays alive:
+# freeing the large ones leaves holes the allocator keeps, as after a training run.
+start = resident()
+blocks, keepers = [], []
+for i in range(2048):
+    blocks.append(bytes([i % 256]) * 2**16)
+    keepers.append(bytes([i % 256]) * 1024)
+del blocks
+kept = resident()
+scope = reset_peak_memory()
+print(start, kept, resident(), peak_memory_mb(), scope)
+"""
 
 
 @pytest.mark.skipif(
     not LINUX_PROC or _malloc_trim() is None, reason="needs Linux's /proc and glibc's malloc_trim"
 )
 def test_reset_returns_what_the_allocator_kept_from_an_earlier_run():
-    # 128 MiB in 64 KiB blocks from the C heap, each followed by a small block that stays alive:
-    # freeing the large ones leaves holes the allocator keeps, as after a training run. The free
-    # memory earlier tests left behind goes back first, so that the blocks need new pages.
-    release_memory()
-    start = _resident_mib()
-    blocks, keepers = [], []
-    for i in range(2048):
-        blocks.append(bytes([i % 256]) * 2**16)
-        keepers.append(bytes([i % 256]) * 1024)
-    del blocks
-    kept = _resident_mib()
+    done = subprocess.run(
+        [sys.executable, "-c", ALLOCATOR_SCENARIO], capture_output=True, text=True, check=True
+    )
+    start, kept, after, peak, scope = done.stdout.split()
+    start, kept, after, peak = map(float, (start, kept, after, peak))
+    assert scope == "run"
     assert kept > start + 100  # the freed memory is still resident
-    assert reset_peak_memory() == "run"
-    assert _resident_mib() < kept - 100  # given back before the run's window opens
-    assert peak_memory_mb() < kept - 100
-    del keepers
+    assert after < kept - 100  # given back before the run's window opens
+    assert peak < kept - 100
