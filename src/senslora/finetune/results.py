@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import math
 import re
@@ -164,10 +165,14 @@ def release_memory() -> bool:
         torch.cuda.empty_cache()
         return True
     trim = _malloc_trim()
-    return trim is not None and trim(0) >= 0
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
-def _malloc_trim():
+@functools.cache
+def _malloc_trim():  # looked up once: find_library runs ldconfig
     name = ctypes.util.find_library("c")
     try:
         return ctypes.CDLL(name).malloc_trim if name else None
